@@ -70,19 +70,24 @@ def resolve_checkpoint_dir(truss_config: dict[str, Any], secrets: Any = None) ->
 
 
 def load_tokenizer(checkpoint_dir: Path, padding_side: str = "right") -> Any:
-    """Load the tokenizer class that `tokenizer_config.json` names.
+    """Load the checkpoint's tokenizer exactly as its `tokenizer.json` defines it.
 
     `AutoTokenizer` would consult `config.json`, whose unknown `model_type` + `auto_map` make
-    transformers 5 try remote code; the tokenizer files themselves are standard.
+    transformers 5 try remote code. And the class `tokenizer_config.json` names is not always
+    faithful in transformers 5: `LlamaTokenizer` (NV-Embed-v2) replaces the file's normalizer
+    with its own Metaspace handling and drops a leading space that the official tokenizer keeps.
+    So a `tokenizer.json` is loaded as-is with `PreTrainedTokenizerFast`; only checkpoints
+    without one fall back to the named class.
     """
-    name = "PreTrainedTokenizerFast"
-    cfg_path = checkpoint_dir / "tokenizer_config.json"
-    if cfg_path.is_file():
-        with open(cfg_path, encoding="utf-8") as f:
-            name = json.load(f).get("tokenizer_class") or name
-    cls = getattr(transformers, name, None) or getattr(transformers, name.removesuffix("Fast"), None)
-    if cls is None:
-        cls = transformers.PreTrainedTokenizerFast
+    if (checkpoint_dir / "tokenizer.json").is_file():
+        cls: Any = transformers.PreTrainedTokenizerFast
+    else:
+        name = "PreTrainedTokenizerFast"
+        cfg_path = checkpoint_dir / "tokenizer_config.json"
+        if cfg_path.is_file():
+            with open(cfg_path, encoding="utf-8") as f:
+                name = json.load(f).get("tokenizer_class") or name
+        cls = getattr(transformers, name, None) or transformers.PreTrainedTokenizerFast
     tokenizer = cls.from_pretrained(str(checkpoint_dir))
     # The official encoders all pad on the right (NV-Embed's tokenizer defaults to left).
     tokenizer.padding_side = padding_side

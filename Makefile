@@ -1,0 +1,65 @@
+# One entry point for users and CI. Everything runs in .venv, built from pinned versions.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= embedqa-1b-v2
+PORT ?= 8080
+OUT ?= build/checkpoints/$(MODEL)
+MODELS := embedqa-1b-v2 nv-embed-v2 colembed-3b
+
+.PHONY: help setup test demo serve checkpoint bench push watch lint format lock clean
+
+help:
+	@echo "make demo                         tiny checkpoints, real servers, example requests"
+	@echo "make test                         the whole test suite"
+	@echo "make serve MODEL=<dir> [CHECKPOINT=<dir>] [PORT=8080] [SETTING=value ...]"
+	@echo "make checkpoint MODEL=<dir> OUT=<dir>   tiny random-weight checkpoint"
+	@echo "make bench                        benchmarks (ratios measured side by side)"
+	@echo "make push MODEL=<dir> / make watch MODEL=<dir>   truss push --publish / truss watch"
+
+$(VENV)/.installed: requirements-dev.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# torch first, pinned, so that nothing else can pull a (CUDA) build of its own choice.
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -r requirements-dev.lock -c constraints.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+demo: setup
+	$(PY) tools/demo.py
+
+serve: setup
+	$(PY) tools/serve.py $(MODEL) --port $(PORT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
+checkpoint: setup
+	$(PY) tools/make_checkpoint.py $(MODEL) $(OUT)
+
+bench: setup
+	$(PY) bench/bench_maxsim.py
+	$(PY) bench/bench_serving.py
+
+push: setup
+	$(VENV)/bin/truss push $(MODEL) --publish
+
+watch: setup
+	$(VENV)/bin/truss watch $(MODEL)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+lock: setup
+	$(VENV)/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements-dev.lock
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
