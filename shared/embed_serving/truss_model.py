@@ -1,0 +1,40 @@
+"""The Truss `Model` contract, once for all packages: each `model.py` only says which backend
+and which token-limit settings it uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Response
+
+from embed_serving.checkpoint import resolve_checkpoint_dir
+from embed_serving.service import EmbeddingService
+
+
+class TrussModel:
+    def __init__(self, **kwargs: Any) -> None:
+        self._config = kwargs["config"]
+        self._secrets = kwargs.get("secrets")
+        self._lazy_data_resolver = kwargs.get("lazy_data_resolver")
+        self._service: EmbeddingService | None = None
+
+    def create_service(self, checkpoint_dir: Path) -> EmbeddingService:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        if self._lazy_data_resolver is not None:
+            # Truss's model_cache downloads in the background; wait for the files.
+            self._lazy_data_resolver.block_until_download_complete()
+        self._service = self.create_service(resolve_checkpoint_dir(self._config, self._secrets))
+
+    def _ready(self) -> EmbeddingService:
+        if self._service is None:
+            raise HTTPException(status_code=503, detail="the model is still loading")
+        return self._service
+
+    async def predict(self, model_input: Any) -> Response:
+        return await self._ready().predict(model_input)
+
+    async def embeddings(self, model_input: Any) -> Response:
+        return await self._ready().embeddings(model_input)
