@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
 from embed_serving.checkpoint import CheckpointError, load_tokenizer
 from embed_serving.models import colembed
 from embed_serving.models.colembed import (
@@ -19,8 +22,6 @@ from embed_serving.models.colembed import (
     pixel_shuffle,
     write_tiny_checkpoint,
 )
-from PIL import Image
-from safetensors.torch import load_file, save_file
 
 
 @pytest.fixture(scope="module")

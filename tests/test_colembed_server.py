@@ -137,7 +137,10 @@ def test_batched_equals_one_at_a_time(server, images) -> None:
 
 
 def test_base64_output_with_shapes_and_scores_only(server, images) -> None:
-    body = {"queries": ["sales chart"], "passages": [{"type": "image", "url": f"{images}/page1.png"}]}
+    body = {
+        "queries": ["sales chart"],
+        "passages": [{"type": "image", "url": f"{images}/page1.png"}],
+    }
     floats = server.predict(body).json()
     packed = server.predict({**body, "encoding_format": "base64"}).json()
     shape = packed["passage_embedding_shapes"][0]

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 from aiohttp import web
+from PIL import Image
+
 from embed_serving import images
 from embed_serving.images import (
     ImageError,
@@ -27,7 +29,6 @@ from embed_serving.images import (
     fetch_image_bytes,
     load_images,
 )
-from PIL import Image
 
 T = TypeVar("T")
 

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
 from embed_serving.checkpoint import CheckpointError, load_tokenizer, read_config
 from embed_serving.models.nvembed import (
     LATENT_ATTENTION_DEFAULTS,
@@ -19,9 +23,6 @@ from embed_serving.models.nvembed import (
     prepare_batch,
     write_tiny_checkpoint,
 )
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "nv-embed-v2"
 CHECKPOINT = GOLDEN / "checkpoint"

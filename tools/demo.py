@@ -84,7 +84,9 @@ def show(title: str, response: httpx.Response) -> None:
             head = ", ".join(f"{v:.3f}" for v in value[:4])
             return f"[{head}, ... {len(value)} floats]"
         if isinstance(value, list):
-            return [shorten(v) for v in value[:3]] + ([f"... {len(value)} items"] if len(value) > 3 else [])
+            return [shorten(v) for v in value[:3]] + (
+                [f"... {len(value)} items"] if len(value) > 3 else []
+            )
         if isinstance(value, dict):
             return {k: shorten(v) for k, v in value.items()}
         if isinstance(value, str) and len(value) > 60:
@@ -122,8 +124,10 @@ def main() -> None:
              httpx.post(eq + "/v1/embeddings", json={
                  "input": ["Photosynthesis converts light."], "model":
                  "nvidia/llama-3.2-nv-embedqa-1b-v2", "input_type": "passage"}))  # fmt: skip
-        show("embedqa-1b-v2 bad input -> 400 naming the field",
-             httpx.post(eq + "/v1/embeddings", json={"input": ["ok", 5]}))
+        show(
+            "embedqa-1b-v2 bad input -> 400 naming the field",
+            httpx.post(eq + "/v1/embeddings", json={"input": ["ok", 5]}),
+        )
         show("nv-embed-v2 predict with a task instruction", httpx.post(nv + predict, json={
             "queries": ["are judo throws allowed in wrestling?"],
             "passages": ["Judo throws are allowed in freestyle wrestling."],
@@ -143,9 +147,13 @@ def main() -> None:
                  "encoding_format": "base64"}))  # fmt: skip
         buf = io.BytesIO()
         Image.new("RGB", (10, 10)).save(buf, format="PNG")
-        show("colembed-3b: an image URL that 404s -> 400 naming the passage",
-             httpx.post(col + predict, json={
-                 "passages": ["fine", {"type": "image", "url": f"{images}/missing.png"}]}))
+        show(
+            "colembed-3b: an image URL that 404s -> 400 naming the passage",
+            httpx.post(
+                col + predict,
+                json={"passages": ["fine", {"type": "image", "url": f"{images}/missing.png"}]},
+            ),
+        )
         print("\nAll three packages answered. Reminder: random weights, meaningless scores.")
     finally:
         for proc in procs.values():

@@ -1,6 +1,6 @@
 """Write a tiny random-weight checkpoint in a package's official layout.
 
-    python tools/make_checkpoint.py embedqa-1b-v2 OUT_DIR [--seed N]
+python tools/make_checkpoint.py embedqa-1b-v2 OUT_DIR [--seed N]
 """
 
 from __future__ import annotations

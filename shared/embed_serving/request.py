@@ -147,12 +147,13 @@ def _parse_items(raw: Any, field_name: str, caps: ModelCaps, kind: Kind) -> list
     return [_parse_item(x, f"{field_name}[{i}]", caps, kind) for i, x in enumerate(raw)]
 
 
-def _check_common(body: dict[str, Any], req: EmbedRequest, caps: ModelCaps, settings: Settings) -> None:
+def _check_common(
+    body: dict[str, Any], req: EmbedRequest, caps: ModelCaps, settings: Settings
+) -> None:
     count = len(req.queries) + len(req.passages)
     if count > settings.max_items:
         raise RequestError(
-            f"request has {count} inputs, the limit is {settings.max_items} "
-            "(MAX_ITEMS_PER_REQUEST)"
+            f"request has {count} inputs, the limit is {settings.max_items} (MAX_ITEMS_PER_REQUEST)"
         )
     dims = body.get("dimensions")
     if dims is not None:

@@ -95,13 +95,17 @@ class EmbeddingService:
 
     # ---- pipeline -----------------------------------------------------------------------
 
-    async def _embed_request(self, req: EmbedRequest, labels: dict[str, str]) -> dict[str, Embedded]:
+    async def _embed_request(
+        self, req: EmbedRequest, labels: dict[str, str]
+    ) -> dict[str, Embedded]:
         await self._load_images(req.passages, labels["passage"])
         work: dict[str, list[Prepared]] = {}
         for kind, items in (("query", req.queries), ("passage", req.passages)):
             if items:
                 work[kind] = self._prepare(items, kind, req, labels[kind])
-        max_items = min(req.batch_size or self.settings.batch_max_items, self.settings.batch_max_items)
+        max_items = min(
+            req.batch_size or self.settings.batch_max_items, self.settings.batch_max_items
+        )
         return await asyncio.to_thread(self._run, work, max_items, req.dimensions)
 
     def _label(self, field: str, index: int) -> str:
@@ -118,7 +122,9 @@ class EmbeddingService:
         for i, image in zip(indices, images, strict=True):
             items[i].image_data = image
 
-    def _prepare(self, items: list[Item], kind: Kind, req: EmbedRequest, field: str) -> list[Prepared]:
+    def _prepare(
+        self, items: list[Item], kind: Kind, req: EmbedRequest, field: str
+    ) -> list[Prepared]:
         prepared = self.backend.prepare(items, kind, req.instruction)
         limit = self.settings.max_tokens[kind]
         setting = self.settings.max_tokens_setting[kind]

@@ -15,7 +15,8 @@ from torch import nn
 
 # Enough English for a BPE vocabulary of a few hundred merges; the demo and tests use words
 # from here so that tokenisation is not all single bytes.
-CORPUS = """\
+CORPUS = (
+    """\
 Photosynthesis converts light energy into chemical energy stored in glucose.
 Mitochondria are the powerhouse of the cell and produce ATP through respiration.
 The Eiffel Tower is a wrought-iron lattice tower in Paris, France.
@@ -26,7 +27,9 @@ Quarterly revenue grew twelve percent while operating costs fell in every region
 The chart shows sales by region; the table lists the top ten products by margin.
 Neural networks learn representations from data with gradient descent and backpropagation.
 A query is embedded and compared with passages to rank the most relevant documents first.
-""" * 4
+"""
+    * 4
+)
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>"]
 
