@@ -14,6 +14,7 @@ Kind = Literal["query", "passage"]
 TRUNCATE_VALUES = ("NONE", "START", "END")
 ENCODING_FORMATS = ("float", "base64")
 INPUT_TYPES = ("query", "passage")
+_PLURAL = {"query": "queries", "passage": "passages"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def _parse_item(raw: Any, where: str, caps: ModelCaps, kind: Kind) -> Item:
         if raw.startswith("data:image/") and caps.supports_images and kind == "passage":
             return Item(image=ImageSource(url=raw))
         if raw.startswith("data:image/"):
-            raise RequestError(f"{where}: images are not accepted by {caps.name} {kind}s")
+            raise RequestError(f"{where}: images are not accepted by {caps.name} {_PLURAL[kind]}")
         return Item(text=_check_text(raw, where))
     if not isinstance(raw, dict):
         raise RequestError(f"{where} must be a string or an object, got {_kind(raw)}")
@@ -124,7 +125,7 @@ def _parse_item(raw: Any, where: str, caps: ModelCaps, kind: Kind) -> Item:
         return Item(text=_check_text(raw.get("text"), f"{where}.text"))
     if item_type == "image":
         if not caps.supports_images or kind != "passage":
-            raise RequestError(f"{where}: images are not accepted by {caps.name} {kind}s")
+            raise RequestError(f"{where}: images are not accepted by {caps.name} {_PLURAL[kind]}")
         url, content = raw.get("url", raw.get("image_url")), raw.get("content")
         if (url is None) == (content is None):
             raise RequestError(f"{where}: an image needs exactly one of `url` or `content`")

@@ -4,10 +4,13 @@ fails the deployment at load with a message naming the variable."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 from embed_serving.images import ImageLimits
+
+log = logging.getLogger(__name__)
 
 
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -69,12 +72,15 @@ class Settings:
         max_tokens: dict[str, int] = {}
         names: dict[str, str] = {}
         for kind, (name, default) in token_limits.items():
-            # A checkpoint with fewer positions than the default caps the default.
+            # A checkpoint with fewer positions than the default caps the default. An explicit
+            # larger value is allowed (RoPE has no hard position limit) but flagged.
             value = _env_int(name, min(default, model_max_tokens))
             if value > model_max_tokens:
-                raise ValueError(
-                    f"setting {name}={value} exceeds the model's {model_max_tokens} positions"
-                )
+                log.warning(
+                    "setting %s=%d exceeds the checkpoint's max_position_embeddings=%d; "
+                    "quality beyond it is not what the model was trained for",
+                    name, value, model_max_tokens,
+                )  # fmt: skip
             max_tokens[kind], names[kind] = value, name
         return cls(
             max_tokens=max_tokens,
