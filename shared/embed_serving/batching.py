@@ -11,9 +11,10 @@ from __future__ import annotations
 def plan_batches(lengths: list[int], max_items: int, max_tokens: int) -> list[list[int]]:
     """Indices grouped into batches, longest first.
 
-    A batch grows while `len(batch) * longest <= max_tokens` and `len(batch) <= max_items`; an
-    input longer than `max_tokens` on its own still gets a batch of one (the per-input limit,
-    not the batch budget, decides whether it is accepted).
+    A batch grows while `len(batch) * longest <= max_tokens`, `len(batch) <= max_items` and the
+    next input is at least half as long as the batch's longest (so no row is more than half
+    padding); an input longer than `max_tokens` on its own still gets a batch of one (the
+    per-input limit, not the batch budget, decides whether it is accepted).
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
@@ -22,7 +23,8 @@ def plan_batches(lengths: list[int], max_items: int, max_tokens: int) -> list[li
     for i in order:
         # Sorted descending: the first item of a batch is its longest.
         longest = longest if current else lengths[i]
-        if current and (len(current) + 1 > max_items or (len(current) + 1) * longest > max_tokens):
+        full = len(current) + 1 > max_items or (len(current) + 1) * longest > max_tokens
+        if current and (full or 2 * lengths[i] < longest):
             batches.append(current)
             current, longest = [], lengths[i]
         current.append(i)
