@@ -133,6 +133,19 @@ def _safetensors_files(checkpoint_dir: Path) -> list[Path]:
     return files
 
 
+def tensor_names(checkpoint_dir: Path) -> list[str]:
+    """Tensor names of a checkpoint, read from the index or the safetensors headers only."""
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            return sorted(json.load(f)["weight_map"])
+    names: list[str] = []
+    for path in _safetensors_files(checkpoint_dir):
+        with safe_open(str(path), framework="pt") as f:
+            names.extend(f.keys())
+    return sorted(names)
+
+
 def iter_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in _safetensors_files(checkpoint_dir):
         with safe_open(str(path), framework="pt") as f:

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -34,13 +33,21 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from embed_serving import tiling
 from embed_serving.checkpoint import (
     CheckpointError,
-    _safetensors_files,
     load_strict,
     load_tokenizer,
     pick_attn_implementation,
     read_config,
+    tensor_names,
 )
 from embed_serving.models.llama import BidirectionalLlama, llama_config
+from embed_serving.tiny import (
+    LLAMA3_BOS,
+    LLAMA3_EOS,
+    randomize_,
+    tiny_llama_config,
+    write_json,
+    write_llama3_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -448,19 +455,6 @@ class ColEmbed(nn.Module):
 # --- loading ----------------------------------------------------------------------------------
 
 
-def checkpoint_keys(checkpoint_dir: Path) -> list[str]:
-    """Tensor names of a checkpoint, read from the index or the safetensors headers only."""
-    index = checkpoint_dir / "model.safetensors.index.json"
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            return sorted(json.load(f)["weight_map"])
-    keys: list[str] = []
-    for path in _safetensors_files(checkpoint_dir):
-        with safe_open(str(path), framework="pt") as f:
-            keys.extend(f.keys())
-    return sorted(keys)
-
-
 def detect_llm_prefix(keys: list[str]) -> str:
     """Which of the two known backbone layouts the tensor names use (see LLM_PREFIX)."""
     if any(k.startswith(LLM_PREFIX_CAUSAL_LM) for k in keys):
@@ -482,7 +476,7 @@ def load_colembed(
     if tokenizer is None:
         tokenizer = load_tokenizer(checkpoint_dir)
     spec = ColEmbedSpec.from_config(raw, tokenizer)
-    prefix = detect_llm_prefix(checkpoint_keys(checkpoint_dir))
+    prefix = detect_llm_prefix(tensor_names(checkpoint_dir))
     attn = attn_implementation or pick_attn_implementation(device)
     with torch.device("meta"):
         model = ColEmbed(raw, attn, img_context_id=spec.img_context_id, llm_prefix=prefix)
@@ -502,101 +496,7 @@ def load_colembed(
 
 # --- tiny random checkpoints ------------------------------------------------------------------
 
-_TINY_CORPUS = """\
-What was the total revenue reported in the third quarter of 2023?
-The chart on page four compares quarterly revenue, operating income and net margin.
-Figure 2: Distribution of response times across all regions, in milliseconds.
-Table 1 lists the model sizes, training tokens and evaluation scores for each variant.
-Retrieval-augmented generation combines a retriever with a language model.
-The quick brown fox jumps over the lazy dog near the river bank.
-Invoices must be paid within thirty days of the date shown on the first page.
-How many employees worked at the Berlin office at the end of the year?
-Scanned documents, slides, charts, tables and infographics are indexed as page images.
-Late interaction scores each query token against every document token and sums the maxima.
-The committee approved the budget of 1,250,000 dollars for the 2024 fiscal year.
-Section 3.2 describes the experimental setup; results follow in section 4.
-"""
-
-_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", IMG_START_TOKEN, IMG_END_TOKEN)
-# Llama-3's pre-tokenisation regex (from its tokenizer.json).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
-def _write_tiny_tokenizer(out_dir: Path, vocab_target: int = 1024) -> int:
-    """A small Llama-3-style byte-level BPE tokenizer; returns its size (added tokens included)."""
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-
-    tok = Tokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_target,
-        min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte stays encodable
-        show_progress=False,
-    )
-    tok.train_from_iterator(_TINY_CORPUS.splitlines(), trainer)
-    # Specials go after the learned vocab, as in Llama 3 (128000+) and Eagle's added tokens.
-    specials = [*_SPECIAL_TOKENS, IMG_CONTEXT_TOKEN]
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.Sequence(
-        [
-            processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(
-                single=f"{bos} $A",
-                pair=f"{bos} $A {bos}:1 $B:1",
-                special_tokens=[(bos, tok.token_to_id(bos))],
-            ),
-        ]
-    )
-    tok.save(str(out_dir / "tokenizer.json"))
-    special_map = {"bos_token": bos, "eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"}
-    added = {
-        str(tok.token_to_id(s)): {
-            "content": s,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for s in specials
-    }
-    tokenizer_config = {
-        "added_tokens_decoder": added,
-        **special_map,
-        "clean_up_tokenization_spaces": True,
-        "model_input_names": ["input_ids", "attention_mask"],
-        "model_max_length": 131072,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
-    _write_json(out_dir / "special_tokens_map.json", special_map)
-    return tok.get_vocab_size(with_added_tokens=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+_SPECIAL_TOKENS = (LLAMA3_BOS, LLAMA3_EOS, IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN)
 
 
 def tiny_config(
@@ -658,51 +558,16 @@ def tiny_config(
         "llm_config": {
             "architectures": ["LlamaBidirectionalModel"],
             "model_type": "llama_bidirec",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "bos_token_id": bos_token_id,
-            "eos_token_id": eos_token_id,
-            "head_dim": llm_hidden // 4,
-            "hidden_act": "silu",
-            "hidden_size": llm_hidden,
-            "intermediate_size": llm_hidden * 3,
-            "max_position_embeddings": 131072,
-            "mlp_bias": False,
-            "num_attention_heads": 4,
-            "num_hidden_layers": llm_layers,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-05,
-            "rope_scaling": {
-                "factor": 32.0,
-                "high_freq_factor": 4.0,
-                "low_freq_factor": 1.0,
-                "original_max_position_embeddings": 8192,
-                "rope_type": "llama3",
-            },
-            "rope_theta": 500000.0,
+            **tiny_llama_config(
+                vocab_size,
+                hidden=llm_hidden,
+                layers=llm_layers,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
+            ),
             "tie_word_embeddings": False,
-            "vocab_size": vocab_size,
         },
     }
-
-
-def _randomise(module: nn.Module, seed: int) -> None:
-    """Re-draw every parameter at O(1) scale (the golden fixtures' recipe), so every ingredient
-    of the forward pass moves the outputs: matrices N(0, 1/fan_in), embeddings N(0, 1), norm
-    weights U(0.5, 1.5), biases N(0, 0.1^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters()):
-            if name.endswith(("embed_tokens.weight", "position_embedding.weight", "head.probe")):
-                new = torch.randn(param.shape, generator=gen)
-            elif name.endswith("bias"):
-                new = torch.randn(param.shape, generator=gen) * 0.1
-            elif param.ndim == 1:  # LayerNorm / RMSNorm weights
-                new = torch.rand(param.shape, generator=gen) + 0.5
-            else:  # Linear (out, in), Conv2d (out, in, k, k), MHA in_proj (3h, h)
-                fan_in = math.prod(param.shape[1:])
-                new = torch.randn(param.shape, generator=gen) / math.sqrt(fan_in)
-            param.copy_(new)
 
 
 def write_tiny_checkpoint(
@@ -716,20 +581,20 @@ def write_tiny_checkpoint(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_size = _write_tiny_tokenizer(out_dir)
+    vocab_size = write_llama3_tokenizer(out_dir, _SPECIAL_TOKENS)
     with open(out_dir / "tokenizer.json", encoding="utf-8") as f:
         added = {t["content"]: t["id"] for t in json.load(f)["added_tokens"]}
     raw = tiny_config(
         vocab_size,
-        bos_token_id=added["<|begin_of_text|>"],
-        eos_token_id=added["<|end_of_text|>"],
+        bos_token_id=added[LLAMA3_BOS],
+        eos_token_id=added[LLAMA3_EOS],
         **sizes,
     )
-    _write_json(out_dir / "config.json", raw)
+    write_json(out_dir / "config.json", raw)
 
     torch.manual_seed(seed)
     model = ColEmbed(raw, "sdpa", img_context_id=added[IMG_CONTEXT_TOKEN], llm_prefix=llm_prefix)
-    _randomise(model, seed + 1)
+    randomize_(model, seed + 1)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     if llm_prefix == LLM_PREFIX_CAUSAL_LM:
         gen = torch.Generator().manual_seed(seed + 2)

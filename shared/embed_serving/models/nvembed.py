@@ -15,13 +15,11 @@ excludes the first `len(tokenizer.tokenize(instruction))` positions from the mea
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 from embed_serving.checkpoint import (
@@ -31,6 +29,7 @@ from embed_serving.checkpoint import (
     read_config,
 )
 from embed_serving.models.llama import BidirectionalLlama, llama_config
+from embed_serving.tiny import randomize_, save_weights, write_json
 
 # `LatentAttentionConfig.__init__` defaults in the official code. `save_pretrained` writes only
 # the keys that differ from these, so the real checkpoint's `latent_attention_config` is nearly
@@ -391,26 +390,6 @@ def _tiny_config(vocab_size: int) -> dict[str, Any]:
     }
 
 
-def _randomise(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """The golden fixtures' O(1) scale (default 0.02 init leaves attention nearly uniform):
-    matrices ~ N(0, 1/fan_in), embeddings and latents ~ N(0, 1), biases ~ N(0, 0.1^2),
-    norm weights ~ U(0.5, 1.5); drawn in sorted-name order from one seeded generator."""
-    gen = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, param in sorted(model.named_parameters()):
-        shape = tuple(param.shape)
-        if name.endswith("embed_tokens.weight") or name.endswith("latents"):
-            value = torch.randn(shape, generator=gen)
-        elif name.endswith("bias"):
-            value = torch.randn(shape, generator=gen) * 0.1
-        elif len(shape) == 1:
-            value = torch.rand(shape, generator=gen) + 0.5
-        else:
-            value = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
-        tensors[name] = value.contiguous()
-    return tensors
-
-
 def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> None:
     """Write a tiny random-weight NV-Embed-v2 checkpoint in the official layout: config.json
     (with `auto_map`), model.safetensors (official names), tokenizer files. It runs the real
@@ -419,10 +398,10 @@ def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = _tiny_tokenizer()
     config = _tiny_config(tok.get_vocab_size(with_added_tokens=True))
-    with torch.device("meta"):
-        skeleton = NVEmbed(config)
-    save_file(_randomise(skeleton, seed), str(out_dir / "model.safetensors"), {"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    model = NVEmbed(config)
+    randomize_(model, seed)
+    save_weights(model, out_dir)
+    write_json(out_dir / "config.json", config)
 
     tok.save(str(out_dir / "tokenizer.json"))
     special = {
@@ -457,8 +436,5 @@ def write_tiny_checkpoint(out_dir: Path, seed: int = 0) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": "<unk>",
     }
-    for name, payload in (
-        ("special_tokens_map.json", special_map),
-        ("tokenizer_config.json", tokenizer_config),
-    ):
-        (out_dir / name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "special_tokens_map.json", special_map)
+    write_json(out_dir / "tokenizer_config.json", tokenizer_config)
