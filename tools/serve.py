@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# = embed_serving.checkpoint.CHECKPOINT_ENV; not imported, so that the server process loads
+# embed_serving from the bundled packages/ copy, as a deployment does, not from ./shared.
 CHECKPOINT_ENV = "EMBED_CHECKPOINT_DIR"
 
 

@@ -27,7 +27,6 @@ class ModelCaps:
     supports_images: bool = False
     supports_instruction: bool = False
     dimensions: tuple[int, ...] = ()  # Matryoshka sizes; () = fixed size
-    full_dimension: int = 0
 
 
 @dataclass

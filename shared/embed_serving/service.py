@@ -141,8 +141,9 @@ class EmbeddingService:
             for kind, prepared in work.items():
                 lengths = [len(p.input_ids) for p in prepared]
                 batches = plan_batches(lengths, max_items, self.settings.batch_max_tokens)
-                log.debug("%s: %d inputs, padding %.1f%%", kind, len(prepared),
-                          100 * padding_fraction(lengths, batches))  # fmt: skip
+                if log.isEnabledFor(logging.DEBUG):  # not worth computing on every request
+                    waste = 100 * padding_fraction(lengths, batches)
+                    log.debug("%s: %d inputs, padding %.1f%%", kind, len(prepared), waste)
                 vectors: list[torch.Tensor | None] = [None] * len(prepared)
                 for batch in batches:
                     try:

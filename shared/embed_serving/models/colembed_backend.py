@@ -32,7 +32,6 @@ class ColEmbedBackend(Backend):
             ),
             multi_vector=True,
             supports_images=True,
-            full_dimension=self.spec.hidden_size,
         )
         self._prefix_tokens = {
             kind: len(self.tokenizer(prefix)["input_ids"])
