@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +90,29 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     yield start
     for server in servers:
         server.stop()
+
+
+def assert_close(got: object, want: object, atol: float) -> None:
+    got_a, want_a = np.asarray(got, dtype=np.float32), np.asarray(want, dtype=np.float32)
+    assert got_a.shape == want_a.shape
+    diff = float(np.abs(got_a - want_a).max())
+    assert diff <= atol, f"max |diff| {diff} > {atol}"
+
+
+# Golden-checkpoint fixtures for a test module that sets PACKAGE (a module may override them).
+@pytest.fixture(scope="module")
+def cases(golden: Path, request: pytest.FixtureRequest) -> dict:
+    return json.loads((golden / request.module.PACKAGE / "cases.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def server(golden: Path, start_server, request: pytest.FixtureRequest) -> TrussServer:
+    package = request.module.PACKAGE
+    return start_server(package, golden / package / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def server_48(golden: Path, start_server, request: pytest.FixtureRequest) -> TrussServer:
+    # The golden truncating groups were cut at 48 tokens: the deployment setting does that.
+    package = request.module.PACKAGE
+    return start_server(package, golden / package / "checkpoint", MAX_INPUT_TOKENS="48")

@@ -3,8 +3,6 @@ server keeps answering correctly afterwards."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import httpx
 import pytest
 
@@ -51,11 +49,6 @@ CASES: list[tuple[str, str, object, list[str]]] = [
     ("emb: data url image", "embeddings", {"input": ["data:image/png;base64,iVBORw0KGgo="]}, ["input[0]", "image"]),
     ("emb: too many", "embeddings", {"input": ["x"] * 600}, ["600", "MAX_ITEMS_PER_REQUEST"]),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def server(golden: Path, start_server):
-    return start_server(PACKAGE, golden / PACKAGE / "checkpoint")
 
 
 @pytest.fixture(scope="module")

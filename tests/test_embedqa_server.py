@@ -4,41 +4,18 @@ order, batching, truncation, Matryoshka, base64, usage, and the `openai` client.
 from __future__ import annotations
 
 import base64
-import json
 from pathlib import Path
 
 import numpy as np
 import openai
 import pytest
+from conftest import assert_close
 
 PACKAGE = "embedqa-1b-v2"
 
 
-@pytest.fixture(scope="module")
-def cases(golden: Path) -> dict:
-    return json.loads((golden / PACKAGE / "cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def server(golden: Path, start_server):
-    return start_server(PACKAGE, golden / PACKAGE / "checkpoint")
-
-
-@pytest.fixture(scope="module")
-def server_48(golden: Path, start_server):
-    # The golden truncating groups were cut at 48 tokens: the deployment setting does that.
-    return start_server(PACKAGE, golden / PACKAGE / "checkpoint", MAX_INPUT_TOKENS="48")
-
-
 def groups(cases: dict, max_length: int) -> list[dict]:
     return [g for g in cases["groups"] if g["max_length"] == max_length]
-
-
-def assert_close(got: list, want: list, atol: float) -> None:
-    got_a, want_a = np.asarray(got, dtype=np.float32), np.asarray(want, dtype=np.float32)
-    assert got_a.shape == want_a.shape
-    diff = float(np.abs(got_a - want_a).max())
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
 @pytest.mark.parametrize("max_length", [512, 48])

@@ -3,40 +3,18 @@ default instruction, passages without), truncation, Triton aliases, instructions
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import openai
 import pytest
+from conftest import assert_close
 
 PACKAGE = "nv-embed-v2"
 TASK = "Given a question, retrieve passages that answer the question"
 
 
-@pytest.fixture(scope="module")
-def cases(golden: Path) -> dict:
-    return json.loads((golden / PACKAGE / "cases.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def server(golden: Path, start_server):
-    return start_server(PACKAGE, golden / PACKAGE / "checkpoint")
-
-
-@pytest.fixture(scope="module")
-def server_48(golden: Path, start_server):
-    return start_server(PACKAGE, golden / PACKAGE / "checkpoint", MAX_INPUT_TOKENS="48")
-
-
 def group(cases: dict, kind: str, max_length: int) -> dict:
     (g,) = [g for g in cases["groups"] if g["kind"] == kind and g["max_length"] == max_length]
     return g
-
-
-def assert_close(got: list, want: list, atol: float) -> None:
-    diff = float(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max())
-    assert diff <= atol, f"max |diff| {diff} > {atol}"
 
 
 @pytest.mark.parametrize("max_length", [512, 48])
