@@ -1,12 +1,44 @@
 """User-facing request errors.
 
-Validation raises `RequestError`; the service turns it into `fastapi.HTTPException(400)`, which
-Truss answers as `{"error": "<message>"}`. Any other exception is a 500 whose message Truss
-hides, so everything a client can get wrong must be caught as a RequestError first.
+Everything a client can get wrong raises `RequestError`; the route layer (`truss_model`) turns
+it into a `fastapi.HTTPException`, which Truss answers as `{"error": <detail>}`. Any other
+exception is a 500 whose message Truss hides, so every client mistake must be caught as a
+RequestError first.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
+from fastapi import HTTPException
+
+Route = Literal["predict", "embeddings"]
+
 
 class RequestError(ValueError):
-    """A bad request. The message names the field, the item index and the limit."""
+    """A bad request. The message names the field, the item index and the limit.
+
+    `status` is the HTTP status (400 unless a cap says 413/415/429), `param` the request field
+    at fault where there is one, `headers` extra response headers (`Retry-After` on 429).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+def http_error(error: RequestError, route: Route) -> HTTPException:
+    """The HTTPException a route raises for a client error."""
+    return HTTPException(status_code=error.status, detail=error.message, headers=error.headers)

@@ -44,15 +44,12 @@ class EmbeddingService:
     # ---- routes -------------------------------------------------------------------------
 
     async def predict(self, body: Any) -> Response:
-        try:
-            req = parse_predict(body, self.caps, self.settings)
-            labels = {
-                "query": "query" if isinstance(body, dict) and "query" in body else "queries",
-                "passage": "documents" if "documents" in body else "passages",
-            }
-            results = await self._embed_request(req, labels)
-        except RequestError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+        req = parse_predict(body, self.caps, self.settings)
+        labels = {
+            "query": "query" if "query" in body else "queries",
+            "passage": "documents" if "documents" in body else "passages",
+        }
+        results = await self._embed_request(req, labels)
         payload: dict[str, Any] = {"model": self.caps.name}
         for kind, key in (("query", "query_embeddings"), ("passage", "passage_embeddings")):
             if kind in results and req.return_embeddings:
@@ -72,11 +69,8 @@ class EmbeddingService:
         return json_response(payload)
 
     async def embeddings(self, body: Any) -> Response:
-        try:
-            req = parse_embeddings(body, self.caps, self.settings)
-            results = await self._embed_request(req, {"query": "input", "passage": "input"})
-        except RequestError as e:
-            raise HTTPException(status_code=400, detail=str(e)) from None
+        req = parse_embeddings(body, self.caps, self.settings)
+        results = await self._embed_request(req, {"query": "input", "passage": "input"})
         (embedded,) = results.values()
         data = []
         for i, vector in enumerate(embedded.vectors):

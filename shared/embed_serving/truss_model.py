@@ -1,14 +1,21 @@
 """The Truss `Model` contract, once for all packages: each `model.py` only says which backend
-and which token-limit settings it uses."""
+and which token-limit settings it uses.
 
-from __future__ import annotations
+This is the route layer. Both routes take the starlette `Request` alone (deliberately without
+`from __future__ import annotations`: Truss inspects the annotation to decide that), so Truss
+hands us the raw body instead of parsing it itself, and the pipeline can see a client that
+hangs up.
+"""
 
 from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException, Response
+from starlette.requests import Request
 
+from embed_serving.body import parse_json
 from embed_serving.checkpoint import resolve_checkpoint_dir
+from embed_serving.errors import RequestError, Route, http_error
 from embed_serving.service import EmbeddingService
 
 
@@ -33,8 +40,18 @@ class TrussModel:
             raise HTTPException(status_code=503, detail="the model is still loading")
         return self._service
 
-    async def predict(self, model_input: Any) -> Response:
-        return await self._ready().predict(model_input)
+    async def predict(self, request: Request) -> Response:
+        return await self._handle("predict", request)
 
-    async def embeddings(self, model_input: Any) -> Response:
-        return await self._ready().embeddings(model_input)
+    async def embeddings(self, request: Request) -> Response:
+        return await self._handle("embeddings", request)
+
+    async def _handle(self, route: Route, request: Request) -> Response:
+        service = self._ready()
+        try:
+            body = parse_json(await request.body())
+            if route == "predict":
+                return await service.predict(body)
+            return await service.embeddings(body)
+        except RequestError as e:
+            raise http_error(e, route) from None
