@@ -43,7 +43,10 @@ def _check_multi_vectors(kind: str, vectors: Sequence[torch.Tensor]) -> None:
 
 
 def _pad(
-    vectors: Sequence[torch.Tensor], length: int, buffer: torch.Tensor | None = None
+    vectors: Sequence[torch.Tensor],
+    length: int,
+    buffer: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack into a float32 (n, length, d) batch plus an (n, length) mask of real tokens.
 
@@ -51,7 +54,7 @@ def _pad(
     for every chunk saves a fresh allocation (and, on CPU, its page faults) per chunk.
     """
     n, dim = len(vectors), vectors[0].shape[1]
-    device = vectors[0].device
+    device = buffer.device if buffer is not None else (device or vectors[0].device)
     if buffer is None:
         out = torch.empty((n, length, dim), dtype=torch.float32, device=device)
     else:
@@ -104,6 +107,7 @@ def maxsim_scores(
     passages: Sequence[torch.Tensor],
     *,
     max_elements: int = 2**26,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """ColBERT MaxSim scores between multi-vector queries and passages.
 
@@ -115,6 +119,10 @@ def maxsim_scores(
     (256 MiB by default; the padded passage copy and the similarity block are each bounded, so
     the total stays within a few times that). A single query against a single passage is the
     smallest unit and is always computed whole. Not differentiable (runs under no_grad).
+
+    With `device`, the work runs there and the inputs may live elsewhere (host memory): each
+    passage chunk is copied over as it is scored, so the device holds one chunk at a time,
+    never the request's whole set of vectors.
     """
     if max_elements <= 0:
         raise ValueError(f"max_elements must be positive, got {max_elements}")
@@ -123,13 +131,14 @@ def maxsim_scores(
     tensors = [*queries, *passages]
     if not tensors:
         return torch.zeros((0, 0), dtype=torch.float32)
-    device = tensors[0].device
+    home = tensors[0].device
+    device = device or home
     dim = tensors[0].shape[1]
     for t in tensors:
         if t.shape[1] != dim:
             raise ValueError(f"all token vectors must have dimension {dim}, got {t.shape[1]}")
-        if t.device != device:
-            raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+        if t.device != home:
+            raise ValueError(f"all tensors must be on one device, got {home} and {t.device}")
 
     scores = torch.zeros((len(queries), len(passages)), dtype=torch.float32, device=device)
     if not queries or not passages:
@@ -145,7 +154,7 @@ def maxsim_scores(
     q_chunks = []
     for start in range(0, len(queries), q_step):
         chunk = queries[start : start + q_step]
-        q_pad, q_mask = _pad(chunk, max(q.shape[0] for q in chunk))
+        q_pad, q_mask = _pad(chunk, max(q.shape[0] for q in chunk), device=device)
         q_chunks.append((start, q_pad, q_mask))
 
     # One padded passage token costs `dim` elements in the float32 passage copy and q_step*q_len

@@ -1,34 +1,45 @@
-"""The request pipeline shared by the three packages: validate, fetch images, tokenise, truncate,
-batch, embed, score, encode. `model.py` files only pick a backend and call `predict` /
-`embeddings`."""
+"""The request pipeline shared by the three packages: validate, fetch images, tokenise and
+truncate (off the event loop), embed (through the engine), score, encode.
+
+Everything here runs per request; the device belongs to the engine (`engine.py`), which batches
+the inputs of all requests together.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
-from fastapi import HTTPException, Response
+from fastapi import Response
 
 from embed_serving import scoring
 from embed_serving.backend import Backend, Prepared, truncate_prepared
-from embed_serving.batching import padding_fraction, plan_batches
 from embed_serving.encoding import encode_vector, json_response, to_numpy
+from embed_serving.engine import ClientGone, Engine, EngineLimits
 from embed_serving.errors import RequestError
 from embed_serving.images import ImageInputError, load_images
 from embed_serving.request import EmbedRequest, Item, Kind, parse_embeddings, parse_predict
 from embed_serving.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+Disconnected = Callable[[], Awaitable[bool]]
+
+# Below these sizes the work is cheaper than a hop to the pool and back (~0.1 ms), so it runs
+# inline; above them it would hold the event loop (and every other request) for longer.
+INLINE_TEXT_CHARS = 4096
+INLINE_OUTPUT_FLOATS = 1 << 16
 
 
 @dataclass
 class Embedded:
-    vectors: list[torch.Tensor]  # per input, input order, on the model's device
+    vectors: list[torch.Tensor]  # per input, input order, CPU float32
     tokens: int
 
 
@@ -37,19 +48,47 @@ class EmbeddingService:
         self.backend = backend
         self.settings = settings
         self.caps = backend.caps
-        # One forward pass at a time: the GPU is the shared resource, and interleaving two
-        # requests' batches only adds memory pressure.
-        self._gpu_lock = threading.Lock()
+        self.engine = Engine(
+            backend,
+            EngineLimits(
+                batch_max_items=settings.batch_max_items,
+                batch_max_tokens=settings.batch_max_tokens,
+                max_queue_tokens=settings.max_queue_tokens,
+            ),
+        )
+        # Tokenising, tiling and encoding big responses: bounded, and off the event loop.
+        self._pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="prepare")
+
+    def close(self) -> None:
+        self.engine.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- routes -------------------------------------------------------------------------
 
-    async def predict(self, body: Any) -> Response:
+    async def predict(self, body: Any, disconnected: Disconnected | None = None) -> Response:
         req = parse_predict(body, self.caps, self.settings)
         labels = {
             "query": "query" if "query" in body else "queries",
             "passage": "documents" if "documents" in body else "passages",
         }
-        results = await self._embed_request(req, labels)
+        results = await self._embed_request(req, labels, disconnected)
+        scores = None
+        if req.compute_scores:
+            queries, passages = results["query"].vectors, results["passage"].vectors
+            scores = await self._on_device(lambda: self._scores(queries, passages))
+        return await self._respond(self._predict_payload, req, results, scores)
+
+    async def embeddings(self, body: Any, disconnected: Disconnected | None = None) -> Response:
+        req = parse_embeddings(body, self.caps, self.settings)
+        labels = {"query": "input", "passage": "input"}
+        results = await self._embed_request(req, labels, disconnected)
+        (embedded,) = results.values()
+        model = body.get("model") or self.caps.name
+        return await self._respond(self._embeddings_payload, req, embedded, model)
+
+    def _predict_payload(
+        self, req: EmbedRequest, results: dict[str, Embedded], scores: torch.Tensor | None
+    ) -> dict[str, Any]:
         payload: dict[str, Any] = {"model": self.caps.name}
         for kind, key in (("query", "query_embeddings"), ("passage", "passage_embeddings")):
             if kind in results and req.return_embeddings:
@@ -59,19 +98,17 @@ class EmbeddingService:
                     payload[key.replace("embeddings", "embedding_shapes")] = [
                         list(v.shape) for v in vectors
                     ]
-        if req.compute_scores:
-            scores = self._scores(results["query"].vectors, results["passage"].vectors)
+        if scores is not None:
             payload["scores"] = to_numpy(scores)
             if req.top_k is not None:
                 payload["top_k"] = scoring.top_k_indices(scores, req.top_k)
         tokens = sum(r.tokens for r in results.values())
         payload["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
-        return json_response(payload)
+        return payload
 
-    async def embeddings(self, body: Any) -> Response:
-        req = parse_embeddings(body, self.caps, self.settings)
-        results = await self._embed_request(req, {"query": "input", "passage": "input"})
-        (embedded,) = results.values()
+    def _embeddings_payload(
+        self, req: EmbedRequest, embedded: Embedded, model: str
+    ) -> dict[str, Any]:
         data = []
         for i, vector in enumerate(embedded.vectors):
             array = to_numpy(vector)
@@ -83,24 +120,44 @@ class EmbeddingService:
             if self.caps.multi_vector:
                 entry["shape"] = list(array.shape)
             data.append(entry)
-        model = body.get("model") or self.caps.name
         usage = {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens}
-        return json_response({"object": "list", "data": data, "model": model, "usage": usage})
+        return {"object": "list", "data": data, "model": model, "usage": usage}
+
+    async def _respond(self, build: Callable[..., dict[str, Any]], *args: Any) -> Response:
+        """Build and serialise the response; off the loop when it is big (a page of
+        multi-vectors is megabytes of JSON)."""
+        floats = sum(v.numel() for a in args if isinstance(a, Embedded | dict) for v in _vectors(a))
+        if floats <= INLINE_OUTPUT_FLOATS:
+            return json_response(build(*args))
+        return await self._in_pool(lambda: json_response(build(*args)))
 
     # ---- pipeline -----------------------------------------------------------------------
 
     async def _embed_request(
-        self, req: EmbedRequest, labels: dict[str, str]
+        self, req: EmbedRequest, labels: dict[str, str], disconnected: Disconnected | None
     ) -> dict[str, Embedded]:
         await self._load_images(req.passages, labels["passage"])
-        work: dict[str, list[Prepared]] = {}
-        for kind, items in (("query", req.queries), ("passage", req.passages)):
-            if items:
-                work[kind] = self._prepare(items, kind, req, labels[kind])
-        max_items = min(
-            req.batch_size or self.settings.batch_max_items, self.settings.batch_max_items
-        )
-        return await asyncio.to_thread(self._run, work, max_items, req.dimensions)
+        chars = sum(len(item.text or "") for item in req.queries + req.passages)
+        if chars <= INLINE_TEXT_CHARS and not any(i.image_data for i in req.passages):
+            prepared = self._prepare(req, labels)
+        else:
+            prepared = await self._in_pool(lambda: self._prepare(req, labels))
+        # One engine job for the whole request: queries and passages may share micro-batches.
+        inputs = [p for kind in prepared for p in prepared[kind]]
+        try:
+            outputs = await self.engine.embed(inputs, req.batch_size, disconnected)
+        except ClientGone:
+            raise RequestError("the client disconnected", status=499) from None
+        results: dict[str, Embedded] = {}
+        start = 0
+        for kind, items in prepared.items():
+            vectors = outputs[start : start + len(items)]
+            start += len(items)
+            if req.dimensions is not None:
+                # Matryoshka: keep the leading dimensions, then re-normalise.
+                vectors = [F.normalize(v[..., : req.dimensions], dim=-1) for v in vectors]
+            results[kind] = Embedded(vectors, sum(len(p.input_ids) for p in items))
+        return results
 
     def _label(self, field: str, index: int) -> str:
         return field if field == "query" else f"{field}[{index}]"
@@ -116,50 +173,39 @@ class EmbeddingService:
         for i, image in zip(indices, images, strict=True):
             items[i].image_data = image
 
-    def _prepare(
-        self, items: list[Item], kind: Kind, req: EmbedRequest, field: str
-    ) -> list[Prepared]:
-        prepared = self.backend.prepare(items, kind, req.instruction)
-        limit = self.settings.max_tokens[kind]
-        setting = self.settings.max_tokens_setting[kind]
-        return [
-            truncate_prepared(p, limit, req.truncate, self._label(field, i), setting)
-            for i, p in enumerate(prepared)
-        ]
+    def _prepare(self, req: EmbedRequest, labels: dict[str, str]) -> dict[Kind, list[Prepared]]:
+        """Token ids (and image tiles) of every input, truncated as the request says."""
+        prepared: dict[Kind, list[Prepared]] = {}
+        for kind, items in (("query", req.queries), ("passage", req.passages)):
+            if not items:
+                continue
+            limit = self.settings.max_tokens[kind]
+            setting = self.settings.max_tokens_setting[kind]
+            raw = self.backend.prepare(items, kind, req.instruction)
+            prepared[kind] = [
+                truncate_prepared(p, limit, req.truncate, self._label(labels[kind], i), setting)
+                for i, p in enumerate(raw)
+            ]
+        return prepared
 
-    def _run(
-        self, work: dict[str, list[Prepared]], max_items: int, dimensions: int | None
-    ) -> dict[str, Embedded]:
-        results: dict[str, Embedded] = {}
-        with self._gpu_lock, torch.inference_mode():
-            for kind, prepared in work.items():
-                lengths = [len(p.input_ids) for p in prepared]
-                batches = plan_batches(lengths, max_items, self.settings.batch_max_tokens)
-                if log.isEnabledFor(logging.DEBUG):  # not worth computing on every request
-                    waste = 100 * padding_fraction(lengths, batches)
-                    log.debug("%s: %d inputs, padding %.1f%%", kind, len(prepared), waste)
-                vectors: list[torch.Tensor | None] = [None] * len(prepared)
-                for batch in batches:
-                    try:
-                        outputs = self.backend.forward([prepared[i] for i in batch])
-                    except torch.OutOfMemoryError:
-                        torch.cuda.empty_cache()
-                        raise HTTPException(
-                            status_code=413,
-                            detail="the inputs do not fit in GPU memory; send fewer or shorter "
-                            "inputs, or lower BATCH_MAX_TOKENS",
-                        ) from None
-                    for i, out in zip(batch, outputs, strict=True):
-                        vectors[i] = out
-                done = [v for v in vectors if v is not None]
-                assert len(done) == len(prepared), "every input gets exactly one output"
-                if dimensions is not None:
-                    # Matryoshka: keep the leading dimensions, then re-normalise.
-                    done = [F.normalize(v[..., :dimensions], dim=-1) for v in done]
-                results[kind] = Embedded(done, sum(lengths))
-        return results
+    async def _in_pool(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def _on_device(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self.engine.call(fn))
 
     def _scores(self, queries: list[torch.Tensor], passages: list[torch.Tensor]) -> torch.Tensor:
+        """Runs on the engine's thread: the vectors go back to the device for scoring (passage
+        chunk by passage chunk for multi-vectors)."""
+        device = self.backend.device
         if self.caps.multi_vector:
-            return scoring.maxsim_scores(queries, passages)
-        return scoring.cosine_scores(torch.stack(queries), torch.stack(passages))
+            return scoring.maxsim_scores(queries, passages, device=device).cpu()
+        return scoring.cosine_scores(
+            torch.stack(queries).to(device), torch.stack(passages).to(device)
+        ).cpu()
+
+
+def _vectors(arg: Embedded | dict[str, Embedded]) -> list[torch.Tensor]:
+    if isinstance(arg, Embedded):
+        return arg.vectors
+    return [v for e in arg.values() for v in e.vectors]

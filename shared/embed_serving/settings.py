@@ -59,6 +59,8 @@ class Settings:
     batch_max_items: int = 64  # BATCH_MAX_ITEMS: items per forward pass
     batch_max_tokens: int = 32768  # BATCH_MAX_TOKENS: padded tokens per forward pass
     max_top_k: int = 1000
+    max_queue_tokens: int = 1_048_576  # MAX_QUEUE_TOKENS: waiting tokens (429 past it)
+    prepare_threads: int = 2  # PREPARE_THREADS: tokenising / tiling / encoding threads
     images: ImageLimits = field(default_factory=ImageLimits)
 
     @classmethod
@@ -89,6 +91,8 @@ class Settings:
             batch_max_items=_env_int("BATCH_MAX_ITEMS", 64),
             batch_max_tokens=_env_int("BATCH_MAX_TOKENS", batch_max_tokens),
             max_top_k=_env_int("MAX_TOP_K", 1000),
+            max_queue_tokens=_env_int("MAX_QUEUE_TOKENS", 1_048_576),
+            prepare_threads=_env_int("PREPARE_THREADS", 2),
             images=ImageLimits(
                 max_bytes=_env_int("IMAGE_MAX_BYTES", ImageLimits.max_bytes),
                 max_pixels=_env_int("IMAGE_MAX_PIXELS", ImageLimits.max_pixels),

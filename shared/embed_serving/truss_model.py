@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import HTTPException, Response
 from starlette.requests import Request
 
+from embed_serving import metrics
 from embed_serving.body import parse_json
 from embed_serving.checkpoint import resolve_checkpoint_dir
 from embed_serving.errors import RequestError, Route, http_error
@@ -51,7 +52,11 @@ class TrussModel:
         try:
             body = parse_json(await request.body())
             if route == "predict":
-                return await service.predict(body)
-            return await service.embeddings(body)
+                response = await service.predict(body, request.is_disconnected)
+            else:
+                response = await service.embeddings(body, request.is_disconnected)
         except RequestError as e:
+            metrics.REQUESTS.labels(route, str(e.status)).inc()
             raise http_error(e, route) from None
+        metrics.REQUESTS.labels(route, str(response.status_code)).inc()
+        return response
