@@ -133,9 +133,7 @@ def test_a_query_arriving_mid_bulk_waits_at_most_one_batch(spy, real, make_engin
     spy.gate.set()
     query.future.result(timeout=60)
     # The batch in flight when it arrived, then the query's own.
-    position = next(
-        k for k, b in enumerate(spy.batches) if any(p is query_inputs[0] for p in b)
-    )
+    position = next(k for k, b in enumerate(spy.batches) if any(p is query_inputs[0] for p in b))
     assert position <= n_before + 1
     assert not bulk.future.done() or len(spy.batches) > position + 1
     bulk.future.result(timeout=60)
@@ -192,9 +190,7 @@ def test_client_gone_while_waiting_drops_the_work(spy, real, make_engine) -> Non
     assert not any(p is q for b in spy.batches for p in b for q in inputs)
 
 
-def test_out_of_memory_splits_and_only_an_input_too_big_alone_fails(
-    spy, real, make_engine
-) -> None:
+def test_out_of_memory_splits_and_only_an_input_too_big_alone_fails(spy, real, make_engine) -> None:
     engine = make_engine(batch_max_items=16)
     inputs = prepare(real, texts(16))
     spy.oom_above = 3  # injected: any forward of more than 3 inputs runs out of memory

@@ -93,9 +93,7 @@ def _colembed_item(golden: Path, passage: dict) -> Any:
 def _b64_multivectors(out: dict, kind: str) -> list[np.ndarray]:
     return [
         np.frombuffer(base64.b64decode(b), dtype="<f4").reshape(shape)
-        for b, shape in zip(
-            out[f"{kind}_embeddings"], out[f"{kind}_embedding_shapes"], strict=True
-        )
+        for b, shape in zip(out[f"{kind}_embeddings"], out[f"{kind}_embedding_shapes"], strict=True)
     ]
 
 

@@ -1,16 +1,18 @@
 """User-facing request errors.
 
-Everything a client can get wrong raises `RequestError`; the route layer (`truss_model`) turns
-it into a `fastapi.HTTPException`, which Truss answers as `{"error": <detail>}`. Any other
-exception is a 500 whose message Truss hides, so every client mistake must be caught as a
-RequestError first.
+Everything a client can get wrong raises `RequestError`; the route layer (`truss_model`)
+answers it with `error_response`: the `{"error": <detail>}` body Truss's own handler would give
+an `HTTPException`, but returned rather than raised, because Truss's handler drops the
+exception's headers (`Retry-After` on a 429). Any other exception is a 500 whose message Truss
+hides, so every client mistake must be caught as a RequestError first.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import HTTPException
+import orjson
+from fastapi import Response
 
 Route = Literal["predict", "embeddings"]
 
@@ -39,6 +41,11 @@ class RequestError(ValueError):
         self.headers = headers
 
 
-def http_error(error: RequestError, route: Route) -> HTTPException:
-    """The HTTPException a route raises for a client error."""
-    return HTTPException(status_code=error.status, detail=error.message, headers=error.headers)
+def error_response(error: RequestError, route: Route) -> Response:
+    """The response a route returns for a client error."""
+    return Response(
+        content=orjson.dumps({"error": error.message}),
+        status_code=error.status,
+        headers=error.headers,
+        media_type="application/json",
+    )

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from embed_serving import metrics
 from embed_serving.body import parse_json
 from embed_serving.checkpoint import resolve_checkpoint_dir
-from embed_serving.errors import RequestError, Route, http_error
+from embed_serving.errors import RequestError, Route, error_response
 from embed_serving.service import EmbeddingService
 
 
@@ -56,7 +56,6 @@ class TrussModel:
             else:
                 response = await service.embeddings(body, request.is_disconnected)
         except RequestError as e:
-            metrics.REQUESTS.labels(route, str(e.status)).inc()
-            raise http_error(e, route) from None
+            response = error_response(e, route)
         metrics.REQUESTS.labels(route, str(response.status_code)).inc()
         return response

@@ -1,0 +1,109 @@
+"""The engine through the real Truss server: a full queue answers 429 with `Retry-After` (and
+never a 5xx) while admitted requests stay correct, real clients retry it, a client that hangs
+up has its queued inputs dropped, and the metrics appear on Truss's `/metrics`."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from conftest import assert_close
+
+PACKAGE = "embedqa-1b-v2"
+
+
+def passages(n: int, words: int, tag: str) -> list[str]:
+    return [" ".join(f"{tag}{i}x{j}" for j in range(words)) for i in range(n)]
+
+
+def metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10, follow_redirects=True).text
+    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
+    found = re.search(pattern, text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.fixture(scope="module")
+def small_queue(golden, start_server):
+    # Room for about one request of the size below: a second one waiting is refused.
+    return start_server(PACKAGE, golden / PACKAGE / "checkpoint", MAX_QUEUE_TOKENS="6000")
+
+
+def test_overload_is_429_with_retry_after_never_5xx(small_queue) -> None:
+    body = {"passages": passages(96, 40, "load")}
+    reference = small_queue.predict({"passages": body["passages"][:3]}).json()
+
+    def send(_: int) -> httpx.Response:
+        return httpx.post(f"{small_queue.url}/v1/models/model:predict", json=body, timeout=300)
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(send, range(24)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert 429 in statuses and 200 in statuses, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "MAX_QUEUE_TOKENS" in r.json()["error"]
+        else:
+            vectors = r.json()["passage_embeddings"]
+            assert len(vectors) == 96
+            assert_close(vectors[:3], reference["passage_embeddings"], 1e-5)
+    assert metric(small_queue.url, "embed_queue_rejections_total") >= statuses.count(429)
+    assert metric(
+        small_queue.url, "embed_requests_total", '{route="predict",status="429"}'
+    ) >= statuses.count(429)
+
+
+def test_openai_client_retries_429_until_served(small_queue) -> None:
+    client = openai.OpenAI(base_url=f"{small_queue.url}/v1", api_key="x", max_retries=20)
+    texts = passages(96, 40, "retry")
+
+    def embed(_: int) -> int:
+        out = client.embeddings.create(
+            input=texts, model="nvidia/llama-3.2-nv-embedqa-1b-v2", encoding_format="float",
+            extra_body={"input_type": "passage"},
+        )  # fmt: skip
+        return len(out.data)
+
+    before = metric(small_queue.url, "embed_queue_rejections_total")
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(embed, range(8))) == [96] * 8
+    assert metric(small_queue.url, "embed_queue_rejections_total") > before
+
+
+def test_hung_up_client_has_its_queued_inputs_dropped(golden, start_server) -> None:
+    server = start_server(PACKAGE, golden / PACKAGE / "checkpoint")
+    busy = {"passages": passages(512, 120, "busy")}
+    doomed = {"passages": passages(512, 120, "doomed")}
+    dropped_before = metric(server.url, "embed_inputs_dropped_total")
+    # Keep the device busy, then send a request whose client gives up after 0.5 s.
+    holder = threading.Thread(target=lambda: server.predict(busy))
+    holder.start()
+    time.sleep(0.3)
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/v1/models/model:predict", json=doomed, timeout=0.5)
+    deadline = time.monotonic() + 30
+    while metric(server.url, "embed_inputs_dropped_total") <= dropped_before:
+        assert time.monotonic() < deadline, "the hung-up request's inputs were not dropped"
+        time.sleep(0.2)
+    holder.join()
+    # Fewer inputs were computed than were sent: the doomed request's did not all run.
+    assert metric(server.url, "embed_inputs_total") < 1024
+
+
+def test_metrics_are_on_the_truss_metrics_route(small_queue) -> None:
+    assert small_queue.predict({"queries": ["a", "b"], "passages": ["c"]}).status_code == 200
+    text = httpx.get(f"{small_queue.url}/metrics", timeout=10, follow_redirects=True).text
+    for name in (
+        "embed_queue_inputs", "embed_queue_tokens", "embed_batch_size_bucket",
+        "embed_batch_padding_ratio_bucket", "embed_forward_seconds_bucket", "embed_tokens_total",
+        "embed_inputs_total", "embed_requests_total",
+    ):  # fmt: skip
+        assert name in text, name
+    assert metric(small_queue.url, "embed_requests_total", '{route="predict",status="200"}') >= 1
