@@ -43,6 +43,7 @@ checkpoint: setup
 bench: setup
 	$(PY) bench/bench_maxsim.py
 	$(PY) bench/bench_serving.py
+	$(PY) bench/bench_engine.py
 
 push: setup
 	$(VENV)/bin/truss push $(MODEL) --publish

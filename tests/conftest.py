@@ -3,71 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tools.local_server import ROOT, TrussServer
+
 GOLDEN = ROOT.parent / "shared" / "golden"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TrussServer:
-    """`tools/serve.py` in a subprocess: the package's own Truss server, as `make serve` runs it."""
-
-    def __init__(self, package: str, checkpoint: Path, build_dir: Path, env: dict[str, str]):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = build_dir / f"{package}-{self.port}.log"
-        full_env = {**os.environ, **env}
-        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools" / "serve.py"), package, "--port", str(self.port),
-             "--checkpoint", str(checkpoint), "--build-dir", str(build_dir / f"b{self.port}")],
-            env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self._wait_ready(timeout=180)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/models/model", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
-
-    def predict(self, body: object, **kw: object) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/models/model:predict", json=body, timeout=120, **kw)
-
-    def embeddings(self, body: object) -> httpx.Response:
-        return httpx.post(f"{self.url}/v1/embeddings", json=body, timeout=120)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def build_filesystem(package: str, build_root: Path) -> tuple[Path, dict[str, st
     src_dir = ROOT / package
     if not (src_dir / "config.yaml").is_file():
         raise SystemExit(f"{src_dir} is not a Truss package (no config.yaml)")
-    work = build_root / package
+    work = build_root / src_dir.name  # (a package given as an absolute path stays intact)
     shutil.rmtree(work, ignore_errors=True)
     copy, image, fs = work / "truss", work / "image", work / "fs"
     shutil.copytree(src_dir, copy, ignore=shutil.ignore_patterns("__pycache__", "packages"))

@@ -176,8 +176,9 @@ def save_weights(module: nn.Module, out_dir: Path) -> None:
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
-def write_tiny_embedqa(out_dir: Path, seed: int = 0) -> None:
-    """llama_bidirec layout: `embed_tokens`, `layers.N.*`, `norm`, no LM head (tied)."""
+def write_tiny_embedqa(out_dir: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> None:
+    """llama_bidirec layout: `embed_tokens`, `layers.N.*`, `norm`, no LM head (tied). `hidden`
+    and `layers` size it (benchmarks want a model whose forward pass is not free)."""
     from embed_serving.models.llama import BidirectionalLlama, llama_config
 
     vocab = write_llama3_tokenizer(out_dir)
@@ -190,7 +191,10 @@ def write_tiny_embedqa(out_dir: Path, seed: int = 0) -> None:
             "AutoModel": "llama_bidirectional_model.LlamaBidirectionalModel",
         },
         "model_type": "llama_bidirec",
-        **tiny_llama_config(vocab, bos_token_id=ids[LLAMA3_BOS], eos_token_id=ids[LLAMA3_EOS]),
+        **tiny_llama_config(
+            vocab, hidden=hidden, layers=layers,
+            bos_token_id=ids[LLAMA3_BOS], eos_token_id=ids[LLAMA3_EOS],
+        ),  # fmt: skip
         "pooling": "avg",
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
