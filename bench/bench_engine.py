@@ -211,8 +211,10 @@ def bench_overload(url: str, seconds: float, saturated: float, rows: list[str]) 
             if r.status_code == 200:
                 accepted += 32
             elif r.status_code == 429:
-                retry_after.add(r.headers.get("Retry-After", "missing"))
-                await asyncio.sleep(0.05)  # a real client backs off; don't spin
+                header = r.headers.get("Retry-After", "missing")
+                retry_after.add(header)
+                # As the openai and Baseten clients do: wait what the server asks.
+                await asyncio.sleep(float(header) if header != "missing" else 1.0)
             i += 1
 
     async def main() -> float:

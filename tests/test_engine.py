@@ -123,7 +123,8 @@ def test_batches_respect_item_and_token_caps(spy, real, make_engine) -> None:
 
 def test_a_query_arriving_mid_bulk_waits_at_most_one_batch(spy, real, make_engine) -> None:
     engine = make_engine(batch_max_items=4)
-    bulk = engine.submit(prepare(real, texts(64, words=20, tag="bulk")))
+    bulk_inputs = prepare(real, texts(64, words=20, tag="bulk"))
+    bulk = engine.submit(bulk_inputs)
     spy.gate.clear()
     spy.entered.clear()
     spy.entered.wait(timeout=60)  # the bulk request holds the device
@@ -135,6 +136,8 @@ def test_a_query_arriving_mid_bulk_waits_at_most_one_batch(spy, real, make_engin
     # The batch in flight when it arrived, then the query's own.
     position = next(k for k, b in enumerate(spy.batches) if any(p is query_inputs[0] for p in b))
     assert position <= n_before + 1
+    # Its pass is not filled up with bulk passages: it costs one short forward, not a full one.
+    assert not any(p is q for p in spy.batches[position] for q in bulk_inputs)
     assert not bulk.future.done() or len(spy.batches) > position + 1
     bulk.future.result(timeout=60)
 

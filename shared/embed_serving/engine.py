@@ -5,9 +5,10 @@ the next micro-batch from everything queued, across requests: no waiting window,
 grow while the device is busy. The rules, in one place (`_next_batch`):
 
 * Fairness: requests are visited in order of (micro-batches already served, arrival), and the
-  batch is anchored on the first one's longest remaining input. A request that just arrived has
-  been served 0 times, so a short query that lands in the middle of a bulk request is in the
-  very next micro-batch.
+  batch is anchored on the first one's longest remaining input; only requests served as often
+  as the anchor join it. A request that just arrived has been served 0 times, so a short query
+  that lands in the middle of a bulk request gets the very next micro-batch, shared with other
+  new requests only: it waits for the batch in flight plus its own short pass.
 * Length-aware: inputs join while the batch stays under the item cap and the padded-token
   budget (items x longest) and no row would be more than half padding. Each request's inputs
   are kept longest first, so its batches come out length-sorted as `plan_batches` would make.
@@ -118,6 +119,14 @@ class Engine:
             self._cond.notify()
         return job
 
+    def check_room(self, inputs: int) -> None:
+        """Refuse early (429) when the queue cannot take even `inputs` one-token inputs: spares
+        tokenising a request that `submit` would refuse anyway."""
+        with self._cond:
+            if self._queued_tokens and self._queued_tokens + inputs > self.limits.max_queue_tokens:
+                metrics.REJECTED.inc()
+                raise self._queue_full(inputs)
+
     def cancel(self, job: Job) -> None:
         """Drop a job's queued inputs; inputs already in a running batch finish and are thrown
         away. Its future is cancelled."""
@@ -193,7 +202,13 @@ class Engine:
         max_items, max_tokens = self.limits.batch_max_items, self.limits.batch_max_tokens
         batch: list[tuple[Job, int]] = []
         longest, shortest = 0, math.inf
-        for job in sorted(self._jobs, key=lambda j: (j.served, j.seq)):
+        jobs = sorted(self._jobs, key=lambda j: (j.served, j.seq))
+        level = jobs[0].served if jobs else 0
+        for job in jobs:
+            if job.served != level:
+                # Only requests at the anchor's level share its batch: a new query's batch is
+                # not filled up with bulk passages, so it costs one short pass, not a full one.
+                break
             taken: list[int] = []
             for i in job.waiting:
                 if len(batch) >= max_items or len(taken) >= job.max_items:

@@ -136,6 +136,7 @@ class EmbeddingService:
     async def _embed_request(
         self, req: EmbedRequest, labels: dict[str, str], disconnected: Disconnected | None
     ) -> dict[str, Embedded]:
+        self.engine.check_room(len(req.queries) + len(req.passages))
         await self._load_images(req.passages, labels["passage"])
         chars = sum(len(item.text or "") for item in req.queries + req.passages)
         if chars <= INLINE_TEXT_CHARS and not any(i.image_data for i in req.passages):

@@ -7,6 +7,7 @@ hands us the raw body instead of parsing it itself, and the pipeline can see a c
 hangs up.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from embed_serving.body import parse_json
 from embed_serving.checkpoint import resolve_checkpoint_dir
 from embed_serving.errors import RequestError, Route, error_response
 from embed_serving.service import EmbeddingService
+
+log = logging.getLogger(__name__)
 
 
 class TrussModel:
@@ -56,6 +59,12 @@ class TrussModel:
             else:
                 response = await service.embeddings(body, request.is_disconnected)
         except RequestError as e:
+            # A client's mistake is one line, not a traceback: bad clients must not flood the
+            # deployment's logs. The message is the one the client got, ascii-escaped.
+            log.warning(
+                "%s %d %s (request id %s)", route, e.status, ascii(e.message)[1:-1][:500],
+                request.headers.get("x-baseten-request-id", "-"),
+            )  # fmt: skip
             response = error_response(e, route)
         metrics.REQUESTS.labels(route, str(response.status_code)).inc()
         return response
