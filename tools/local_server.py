@@ -24,15 +24,18 @@ def free_port() -> int:
 class TrussServer:
     """`tools/serve.py` in a subprocess: the package's own Truss server, as `make serve` runs it."""
 
-    def __init__(self, package: str, checkpoint: Path, build_dir: Path, env: dict[str, str]):
+    def __init__(
+        self, package: str, checkpoint: Path | None, build_dir: Path, env: dict[str, str]
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = build_dir / f"{package}-{self.port}.log"
+        self.log_path = build_dir / f"{Path(package).name}-{self.port}.log"
         full_env = {**os.environ, **env}
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        weights = ["--checkpoint", str(checkpoint)] if checkpoint is not None else []
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tools" / "serve.py"), package, "--port", str(self.port),
-             "--checkpoint", str(checkpoint), "--build-dir", str(build_dir / f"b{self.port}")],
+             *weights, "--build-dir", str(build_dir / f"b{self.port}")],
             env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self._wait_ready(timeout=180)
