@@ -107,3 +107,26 @@ def test_metrics_are_on_the_truss_metrics_route(small_queue) -> None:
     ):  # fmt: skip
         assert name in text, name
     assert metric(small_queue.url, "embed_requests_total", '{route="predict",status="200"}') >= 1
+
+
+def test_tokenising_a_huge_text_does_not_block_other_requests(small_queue) -> None:
+    """Tokenising runs in the pool, not on the event loop: while a multi-megabyte text is being
+    tokenised, the readiness probe and a short query are answered (before it is)."""
+    huge = {"passages": ["lorem ipsum dolor sit amet " * 60_000], "truncate": "END"}
+    finished: list[str] = []
+
+    def big() -> None:
+        r = small_queue.predict(huge)
+        assert r.status_code == 200, r.text[:300]
+        finished.append("big")
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    time.sleep(0.2)  # the body is sent and being tokenised
+    ready = httpx.get(f"{small_queue.url}/v1/models/model", timeout=30)
+    assert ready.status_code == 200
+    query = small_queue.predict({"queries": ["still answering?"]})
+    assert query.status_code == 200
+    finished.append("others")
+    thread.join()
+    assert finished == ["others", "big"]
