@@ -1,0 +1,108 @@
+"""The attention paths give the padded-mask reference's outputs on the golden checkpoints.
+
+`sdpa` (mask dropped for unpadded batches) and `varlen` (packed real tokens, cumulative
+lengths) must equal `sdpa_masked`. On CPU the packed path runs the per-sequence sdpa kernel, so
+this checks the packing itself (positions, RoPE, boundaries, re-padding); the CUDA kernels'
+exactness is checked by `bench/bench_gpu.py` on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from embed_serving.checkpoint import load_strict, read_config
+from embed_serving.models import attention
+from embed_serving.models.colembed import load_colembed
+from embed_serving.models.llama import BidirectionalLlama, llama_config
+from embed_serving.models.nvembed import load_nvembed
+
+CPU = torch.device("cpu")
+LENGTHS = {"padded": (40, 17, 5, 33, 1), "equal": (12, 12, 12)}
+
+
+def _embedqa(checkpoint: Path) -> BidirectionalLlama:
+    with torch.device("meta"):
+        model = BidirectionalLlama(llama_config(read_config(checkpoint), "sdpa"))
+    load_strict(model, checkpoint, CPU, torch.float32)
+    model.reset_rotary(CPU)
+    return model.eval()
+
+
+def _batch(lengths: tuple[int, ...], vocab: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), max(lengths)), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def _by_path(run, backbone: BidirectionalLlama, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in attention.ATTENTION_PATHS:
+        backbone.set_attention(path)
+        got = run()
+        # Padded positions hold whatever each path leaves there; only real ones count.
+        out[path] = (
+            got * mask.reshape(*mask.shape, *([1] * (got.ndim - 2))) if got.ndim > 2 else got
+        )
+    backbone.set_attention("sdpa")
+    return out
+
+
+@pytest.mark.parametrize("shape", sorted(LENGTHS))
+def test_embedqa_paths_agree(golden: Path, shape: str) -> None:
+    model = _embedqa(golden / "embedqa-1b-v2" / "checkpoint")
+    ids, mask = _batch(LENGTHS[shape], model.config.vocab_size)
+    out = _by_path(lambda: model(input_ids=ids, attention_mask=mask), model, mask)
+    for path, got in out.items():
+        diff = float((got - out["sdpa_masked"]).abs().max())
+        assert diff <= 1e-5, f"{path}: max |diff| {diff}"
+
+
+def test_nvembed_paths_agree(golden: Path) -> None:
+    model = load_nvembed(golden / "nv-embed-v2" / "checkpoint", CPU, torch.float32)
+    ids, mask = _batch(LENGTHS["padded"], model.embedding_model.config.vocab_size)
+    pool = mask.clone()
+    pool[:, :2] = 0
+    pool[:, 0] = 1  # every row keeps at least one pooled token
+    out = _by_path(lambda: model(ids, mask, pool), model.embedding_model, mask)
+    for path, got in out.items():
+        diff = float((got - out["sdpa_masked"]).abs().max())
+        assert diff <= 1e-5, f"{path}: max |diff| {diff}"
+
+
+def test_colembed_paths_agree(golden: Path) -> None:
+    model, spec = load_colembed(golden / "colembed-3b" / "checkpoint", CPU, torch.float32)
+    ids, mask = _batch(LENGTHS["padded"], 200)
+    out = _by_path(lambda: model(ids, mask), model.backbone, mask)
+    for path, got in out.items():
+        diff = float((got - out["sdpa_masked"]).abs().max())
+        assert diff <= 1e-5, f"{path}: max |diff| {diff}"
+
+
+def test_pack_positions_and_boundaries() -> None:
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    keep, positions, cu, longest = attention.pack(mask)
+    assert positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+    assert cu.tolist() == [0, 3, 4, 8] and cu.dtype == torch.int32
+    assert longest == 4 and int(keep.sum()) == 8
+
+
+def test_cpu_uses_the_exact_loop_kernel() -> None:
+    name, kernel = attention.varlen_kernel(CPU, torch.float32)
+    assert name == "sdpa_loop" and kernel is attention.loop_kernel
+
+
+def test_attention_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTENTION", "varlen")
+    assert attention.pick_attention() == "varlen"
+    monkeypatch.setenv("ATTENTION", "flash")
+    with pytest.raises(ValueError, match="ATTENTION='flash'"):
+        attention.pick_attention()
+    monkeypatch.delenv("ATTENTION")
+    assert attention.pick_attention() == "sdpa"
