@@ -62,7 +62,13 @@ def reference(server) -> list:
 def test_bad_input_is_400(server, reference, name, route, body, words) -> None:
     r = server.predict(body) if route == "predict" else server.embeddings(body)
     assert r.status_code == 400, f"{name}: {r.status_code} {r.text[:300]}"
-    message = r.json()["error"]
+    error = r.json()["error"]
+    if route == "embeddings":  # OpenAI-shaped, so the openai SDK shows the message
+        assert set(error) == {"message", "type", "param", "code"}, error
+        assert error["type"] == "invalid_request_error"
+        message = error["message"]
+    else:
+        message = error
     for word in words:
         assert word in message, f"{name}: {word!r} not in {message!r}"
     # ... and the server still answers correctly.
@@ -75,6 +81,8 @@ def test_invalid_json_is_400(server, reference, raw: bytes) -> None:
     for path in ("/v1/models/model:predict", "/v1/embeddings"):
         r = httpx.post(server.url + path, content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, (path, raw, r.status_code, r.text[:200])
-        assert "JSON" in r.json()["error"] or "json" in r.json()["error"]
+        error = r.json()["error"]
+        message = error["message"] if path == "/v1/embeddings" else error
+        assert "JSON" in message, message
     again = server.predict({"queries": ["what is photosynthesis?"]})
     assert again.json()["query_embeddings"] == reference

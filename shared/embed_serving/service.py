@@ -20,10 +20,17 @@ from fastapi import Response
 
 from embed_serving import scoring
 from embed_serving.backend import Backend, Prepared, truncate_prepared
-from embed_serving.encoding import encode_vector, json_response, to_numpy
+from embed_serving.budget import Budget
+from embed_serving.encoding import (
+    encode_vector,
+    json_response,
+    quantize,
+    response_bytes,
+    to_numpy,
+)
 from embed_serving.engine import ClientGone, Engine, EngineLimits
 from embed_serving.errors import RequestError
-from embed_serving.images import ImageInputError, load_images
+from embed_serving.images import ImageInputError, ImageSource, process_images
 from embed_serving.request import EmbedRequest, Item, Kind, parse_embeddings, parse_predict
 from embed_serving.settings import Settings
 
@@ -58,6 +65,18 @@ class EmbeddingService:
         )
         # Tokenising, tiling and encoding big responses: bounded, and off the event loop.
         self._pool = ThreadPoolExecutor(settings.prepare_threads, thread_name_prefix="prepare")
+        # Server-wide image budgets (see `_reserve_image_memory` and README "Image memory"):
+        # decoded pixels in flight, and downloads in flight + tiles held, over all requests.
+        images = settings.images
+        self._image_pixels = Budget(images.decode_budget_pixels, "IMAGE_DECODE_BUDGET_PIXELS")
+        self._image_memory = Budget(images.memory_budget_bytes, "IMAGE_MEMORY_BUDGET_BYTES")
+        if self.caps.supports_images:
+            one = images.max_bytes + backend.max_image_tile_bytes()
+            if one > images.memory_budget_bytes:
+                raise ValueError(
+                    f"setting IMAGE_MEMORY_BUDGET_BYTES={images.memory_budget_bytes} is below one "
+                    f"image's worst case, {one} (IMAGE_MAX_BYTES + its tiles)"
+                )
 
     def close(self) -> None:
         self.engine.close()
@@ -92,9 +111,10 @@ class EmbeddingService:
         payload: dict[str, Any] = {"model": self.caps.name}
         for kind, key in (("query", "query_embeddings"), ("passage", "passage_embeddings")):
             if kind in results and req.return_embeddings:
-                vectors = [to_numpy(v) for v in results[kind].vectors]
+                vectors = [quantize(to_numpy(v), req.embedding_type) for v in results[kind].vectors]
                 payload[key] = [encode_vector(v, req.encoding_format) for v in vectors]
                 if self.caps.multi_vector and req.encoding_format == "base64":
+                    # The shape of what the bytes hold (tokens x bytes for the binary types).
                     payload[key.replace("embeddings", "embedding_shapes")] = [
                         list(v.shape) for v in vectors
                     ]
@@ -111,7 +131,7 @@ class EmbeddingService:
     ) -> dict[str, Any]:
         data = []
         for i, vector in enumerate(embedded.vectors):
-            array = to_numpy(vector)
+            array = quantize(to_numpy(vector), req.embedding_type)
             entry: dict[str, Any] = {
                 "object": "embedding",
                 "index": i,
@@ -136,13 +156,28 @@ class EmbeddingService:
     async def _embed_request(
         self, req: EmbedRequest, labels: dict[str, str], disconnected: Disconnected | None
     ) -> dict[str, Embedded]:
+        # Image memory is reserved at the request's worst case before anything is fetched, and
+        # held until its tiles are dropped, so the total over all requests stays bounded.
+        reserved = await self._reserve_image_memory(req.passages, labels["passage"], disconnected)
+        try:
+            return await self._embed_items(req, labels, disconnected)
+        finally:
+            for item in req.passages:
+                item.pixel_values = None  # the request object outlives this call
+            if reserved:
+                self._image_memory.release(reserved)
+
+    async def _embed_items(
+        self, req: EmbedRequest, labels: dict[str, str], disconnected: Disconnected | None
+    ) -> dict[str, Embedded]:
         self.engine.check_room(len(req.queries) + len(req.passages))
         await self._load_images(req.passages, labels["passage"])
         chars = sum(len(item.text or "") for item in req.queries + req.passages)
-        if chars <= INLINE_TEXT_CHARS and not any(i.image_data for i in req.passages):
+        if chars <= INLINE_TEXT_CHARS and not any(i.image for i in req.passages):
             prepared = self._prepare(req, labels)
         else:
             prepared = await self._in_pool(lambda: self._prepare(req, labels))
+        self._check_response_size(req, prepared)
         # One engine job for the whole request: queries and passages may share micro-batches.
         inputs = [p for kind in prepared for p in prepared[kind]]
         try:
@@ -160,19 +195,112 @@ class EmbeddingService:
             results[kind] = Embedded(vectors, sum(len(p.input_ids) for p in items))
         return results
 
+    def _check_response_size(
+        self, req: EmbedRequest, prepared: dict[Kind, list[Prepared]]
+    ) -> None:
+        """Refuse, before any model work, a response bigger than MAX_RESPONSE_BYTES: its size
+        follows from the token counts (multi-vector), the width and the encoding, and the
+        whole of it would be built in host memory."""
+        width = req.dimensions or self.caps.dimension
+        values = 0
+        if req.return_embeddings:
+            for items in prepared.values():
+                multi = self.caps.multi_vector
+                rows = sum(len(p.input_ids) for p in items) if multi else len(items)
+                values += rows * width
+        size = response_bytes(values, req.encoding_format, req.embedding_type)
+        if req.compute_scores:
+            size += 16 * len(req.queries) * len(req.passages)
+        limit = self.settings.max_response_bytes
+        if size <= limit:
+            return
+        hints = []
+        if req.return_embeddings and req.encoding_format == "float":
+            hints.append("`encoding_format: base64`")
+        if req.return_embeddings and req.embedding_type == "float":
+            hints.append("`embedding_type: binary`")
+        if req.compute_scores and req.return_embeddings:
+            hints.append("`return_embeddings: false`")
+        hints.append("fewer inputs per request")
+        raise RequestError(
+            f"the response would be about {size} bytes, the limit is {limit} "
+            f"(MAX_RESPONSE_BYTES); send {', or '.join(hints)}",
+            status=413,
+            code="response_too_large",
+        )
+
     def _label(self, field: str, index: int) -> str:
         return field if field == "query" else f"{field}[{index}]"
 
+    def _image_reservation(self, sources: list[ImageSource]) -> int:
+        """Worst-case bytes of one request's images: the tiles of every image (kept until the
+        response) plus the encoded images of the `IMAGE_FETCH_CONCURRENCY` biggest sources in
+        flight at once (a URL may be up to IMAGE_MAX_BYTES; base64 is its decoded size). The
+        decoded bitmaps are bounded separately, by IMAGE_DECODE_BUDGET_PIXELS."""
+        limits = self.settings.images
+        encoded = sorted(
+            (
+                limits.max_bytes
+                if s.url is not None and s.url[:5].lower() != "data:"
+                else min(limits.max_bytes, len(s.content or s.url or "") * 3 // 4)
+                for s in sources
+            ),
+            reverse=True,
+        )
+        tiles = len(sources) * self.backend.max_image_tile_bytes()
+        return tiles + sum(encoded[: limits.max_concurrency])
+
+    async def _reserve_image_memory(
+        self, items: list[Item], field: str, disconnected: Disconnected | None
+    ) -> int:
+        sources = [item.image for item in items if item.image is not None]
+        if not sources:
+            return 0
+        need = self._image_reservation(sources)
+        budget = self._image_memory
+        if need > budget.total:
+            raise RequestError(
+                f"{field}: {len(sources)} images need up to {need} bytes of image memory (tiles "
+                f"kept until the response, downloads in flight), the limit is "
+                f"IMAGE_MEMORY_BUDGET_BYTES={budget.total}; send fewer images per request",
+                status=413,
+            )
+        # Waits (first come, first served) while other requests hold the budget; a client that
+        # hangs up meanwhile leaves the line.
+        acquire = asyncio.ensure_future(budget.acquire(need))
+        try:
+            while True:
+                done, _ = await asyncio.wait({acquire}, timeout=0.25)
+                if done:
+                    acquire.result()
+                    return need
+                if disconnected is not None and await disconnected():
+                    raise RequestError("the client disconnected", status=499)
+        except BaseException:
+            if not acquire.done():
+                acquire.cancel()  # Budget.acquire hands back a grant that raced the cancel
+            elif not acquire.cancelled() and acquire.exception() is None:
+                budget.release(need)
+            raise
+
     async def _load_images(self, items: list[Item], field: str) -> None:
+        """Fetch, decode and tile each image (one at a time per slot, in the prepare pool):
+        only the tiles are kept, the bitmap is dropped as soon as it is tiled."""
         indices = [i for i, item in enumerate(items) if item.image is not None]
         if not indices:
             return
         try:
-            images = await load_images([items[i].image for i in indices], self.settings.images)
+            tiles = await process_images(
+                [items[i].image for i in indices],
+                self.settings.images,
+                self.backend.tile_image,
+                pixels=self._image_pixels,
+                executor=self._pool,
+            )
         except ImageInputError as e:
             raise RequestError(f"{self._label(field, indices[e.index])}: {e.reason}") from None
-        for i, image in zip(indices, images, strict=True):
-            items[i].image_data = image
+        for i, pixels in zip(indices, tiles, strict=True):
+            items[i].pixel_values = pixels
 
     def _prepare(self, req: EmbedRequest, labels: dict[str, str]) -> dict[Kind, list[Prepared]]:
         """Token ids (and image tiles) of every input, truncated as the request says."""

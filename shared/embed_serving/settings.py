@@ -5,6 +5,7 @@ fails the deployment at load with a message naming the variable."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -13,29 +14,31 @@ from embed_serving.images import ImageLimits
 log = logging.getLogger(__name__)
 
 
-def _env_int(name: str, default: int, minimum: int = 1) -> int:
+def _env_int(name: str, default: int, minimum: int = 1, maximum: int = 1 << 50) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw)
-    except ValueError as e:
-        raise ValueError(f"setting {name}={raw!r} is not an integer") from e
-    if value < minimum:
-        raise ValueError(f"setting {name}={value} must be >= {minimum}")
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise SettingError(f"setting {name}={raw!r} is not an integer") from None
+    if not minimum <= value <= maximum:
+        raise SettingError(f"setting {name}={value} must be between {minimum} and {maximum}")
     return value
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: float, minimum: float = 0.0, maximum: float = 86400.0) -> float:
+    """A finite number in (minimum, maximum]: `nan` or `inf` would pass a plain `> 0` check
+    and then break every use (a timeout of nan never fires, one of inf never ends)."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
-    except ValueError as e:
-        raise ValueError(f"setting {name}={raw!r} is not a number") from e
-    if value <= 0:
-        raise ValueError(f"setting {name}={value} must be > 0")
+    except ValueError:
+        raise SettingError(f"setting {name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or not minimum < value <= maximum:
+        raise SettingError(f"setting {name}={raw} must be a number > {minimum} and <= {maximum}")
     return value
 
 
@@ -47,7 +50,24 @@ def _env_bool(name: str, default: bool) -> bool:
         return True
     if raw in {"0", "false", "no", "off"}:
         return False
-    raise ValueError(f"setting {name}={raw!r} is not a boolean (true/false)")
+    raise SettingError(f"setting {name}={raw!r} is not a boolean (true/false)")
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in choices:
+        raise SettingError(f"setting {name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
+
+
+class SettingError(ValueError):
+    """A malformed deployment setting: the message names it and what it must be."""
+
+
+# What `/v1/embeddings` does with a request that says neither `input_type` nor a model suffix.
+DEFAULT_INPUT_TYPES = ("query", "passage", "required")
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,16 @@ class Settings:
     max_top_k: int = 1000
     max_queue_tokens: int = 1_048_576  # MAX_QUEUE_TOKENS: waiting tokens (429 past it)
     prepare_threads: int = 2  # PREPARE_THREADS: tokenising / tiling / encoding threads
+    # MAX_REQUEST_BYTES: the body, after decompression, checked before it is all read.
+    max_request_bytes: int = 64 << 20
+    # MAX_INFLIGHT_BYTES: request bodies held at once across all requests (429 past it).
+    max_inflight_bytes: int = 256 << 20
+    # MAX_RESPONSE_BYTES: the response a request would produce, estimated before model work.
+    max_response_bytes: int = 256 << 20
+    # INPUT_CHARS_PER_TOKEN: characters an input may have per token of its limit; checked
+    # before tokenising, so a 20 MB string costs a length check, not 30 s of tokeniser time.
+    chars_per_token: int = 16
+    default_input_type: str = "query"  # DEFAULT_INPUT_TYPE: query / passage / required
     images: ImageLimits = field(default_factory=ImageLimits)
 
     @classmethod
@@ -76,7 +106,7 @@ class Settings:
         for kind, (name, default) in token_limits.items():
             # A checkpoint with fewer positions than the default caps the default. An explicit
             # larger value is allowed (RoPE has no hard position limit) but flagged.
-            value = _env_int(name, min(default, model_max_tokens))
+            value = _env_int(name, min(default, model_max_tokens), maximum=1 << 24)
             if value > model_max_tokens:
                 log.warning(
                     "setting %s=%d exceeds the checkpoint's max_position_embeddings=%d; "
@@ -87,18 +117,50 @@ class Settings:
         return cls(
             max_tokens=max_tokens,
             max_tokens_setting=names,
-            max_items=_env_int("MAX_ITEMS_PER_REQUEST", 512),
-            batch_max_items=_env_int("BATCH_MAX_ITEMS", 64),
+            max_items=_env_int("MAX_ITEMS_PER_REQUEST", 512, maximum=1 << 20),
+            batch_max_items=_env_int("BATCH_MAX_ITEMS", 64, maximum=1 << 16),
             batch_max_tokens=_env_int("BATCH_MAX_TOKENS", batch_max_tokens),
-            max_top_k=_env_int("MAX_TOP_K", 1000),
+            max_top_k=_env_int("MAX_TOP_K", 1000, maximum=1 << 20),
             max_queue_tokens=_env_int("MAX_QUEUE_TOKENS", 1_048_576),
-            prepare_threads=_env_int("PREPARE_THREADS", 2),
+            prepare_threads=_env_int("PREPARE_THREADS", 2, maximum=256),
+            max_request_bytes=(max_request := _env_int("MAX_REQUEST_BYTES", 64 << 20, 1024)),
+            max_inflight_bytes=_env_int("MAX_INFLIGHT_BYTES", 4 * max_request, max_request),
+            max_response_bytes=_env_int("MAX_RESPONSE_BYTES", 256 << 20, minimum=1024),
+            chars_per_token=_env_int("INPUT_CHARS_PER_TOKEN", 16, maximum=1 << 20),
+            default_input_type=_env_choice("DEFAULT_INPUT_TYPE", "query", DEFAULT_INPUT_TYPES),
             images=ImageLimits(
                 max_bytes=_env_int("IMAGE_MAX_BYTES", ImageLimits.max_bytes),
-                max_pixels=_env_int("IMAGE_MAX_PIXELS", ImageLimits.max_pixels),
-                fetch_timeout_s=_env_float("IMAGE_FETCH_TIMEOUT_S", ImageLimits.fetch_timeout_s),
-                max_redirects=_env_int("IMAGE_MAX_REDIRECTS", ImageLimits.max_redirects, 0),
+                max_pixels=(max_pixels := _env_int("IMAGE_MAX_PIXELS", ImageLimits.max_pixels)),
+                fetch_timeout_s=_env_float(
+                    "IMAGE_FETCH_TIMEOUT_S", ImageLimits.fetch_timeout_s, maximum=3600
+                ),
+                max_redirects=_env_int(
+                    "IMAGE_MAX_REDIRECTS", ImageLimits.max_redirects, 0, maximum=100
+                ),
                 allow_private=_env_bool("IMAGE_ALLOW_PRIVATE_URLS", False),
                 max_concurrency=_env_int("IMAGE_FETCH_CONCURRENCY", ImageLimits.max_concurrency),
+                fetch_deadline_s=_env_float(
+                    "IMAGE_FETCH_DEADLINE_S", ImageLimits.fetch_deadline_s, maximum=3600
+                ),
+                # Default: room for two images of IMAGE_MAX_PIXELS decoding at once.
+                decode_budget_pixels=_env_int(
+                    "IMAGE_DECODE_BUDGET_PIXELS",
+                    max(ImageLimits.decode_budget_pixels, 2 * max_pixels),
+                ),
+                memory_budget_bytes=_env_int(
+                    "IMAGE_MEMORY_BUDGET_BYTES", ImageLimits.memory_budget_bytes, 1 << 20
+                ),
             ),
         )
+
+
+# Token-limit settings of the three packages (each reads the ones for its input kinds).
+TOKEN_LIMIT_SETTINGS = ("MAX_INPUT_TOKENS", "MAX_QUERY_TOKENS", "MAX_PASSAGE_TOKENS")
+
+
+def check_env() -> None:
+    """Validate every setting in the environment, before any weight is read: a typo must fail
+    the deployment in a second, not after a full load (which Truss then retries)."""
+    Settings.from_env(
+        {name: (name, 1) for name in TOKEN_LIMIT_SETTINGS}, model_max_tokens=1 << 30
+    )

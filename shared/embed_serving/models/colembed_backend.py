@@ -4,9 +4,11 @@ L2-normalised vector per real token."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from embed_serving import tiling
 from embed_serving.backend import Backend, Prepared
 from embed_serving.checkpoint import load_tokenizer, pick_device, pick_dtype
 from embed_serving.models.colembed import load_colembed
@@ -32,6 +34,7 @@ class ColEmbedBackend(Backend):
             ),
             multi_vector=True,
             supports_images=True,
+            dimension=int(backbone.config.hidden_size),
         )
         self._prefix_tokens = {
             kind: len(self.tokenizer(prefix)["input_ids"])
@@ -46,8 +49,8 @@ class ColEmbedBackend(Backend):
             if kind == "query":
                 tiles.append(None)
                 texts.append(self.spec.query_text(item.text or ""))
-            elif item.image_data is not None:
-                pixels = self.spec.pixel_values(item.image_data)
+            elif item.pixel_values is not None:
+                pixels = item.pixel_values  # tiled by `tile_image` as the image was decoded
                 tiles.append(pixels)
                 texts.append(self.spec.passage_text(item.text, int(pixels.shape[0])))
             else:
@@ -64,9 +67,27 @@ class ColEmbedBackend(Backend):
             prepared.append(Prepared(ids, protected=protected, pixel_values=pixels))
         return prepared
 
+    def tile_image(self, image: Any) -> torch.Tensor:
+        # uint8 until the device: normalising there is the same float32 arithmetic as the
+        # reference's ToTensor + Normalize, so the values (and the golden outputs) are unchanged.
+        spec = self.spec
+        return tiling.image_to_tiles(
+            image, spec.image_size, spec.min_tiles, spec.max_tiles, spec.use_thumbnail
+        )
+
+    def max_image_tile_bytes(self) -> int:
+        # A grid of at most max_tiles tiles, plus the thumbnail when there are several.
+        spec = self.spec
+        tiles = spec.max_tiles + (1 if spec.use_thumbnail and spec.max_tiles > 1 else 0)
+        return tiles * 3 * spec.image_size**2
+
     def forward(self, batch: list[Prepared]) -> list[torch.Tensor]:
         ids, mask = self.pad(batch, self.spec.pad_token_id)
         tiles = [p.pixel_values for p in batch if p.pixel_values is not None]
-        pixels = torch.cat(tiles).to(self.device, self.dtype) if tiles else None
+        pixels = None
+        if tiles:
+            uint8 = torch.cat(tiles).to(self.device)
+            pixels = tiling.normalize_tiles(uint8, self.spec.image_mean, self.spec.image_std)
+            pixels = pixels.to(self.dtype)
         out = self.model(ids, mask, pixels)
         return [out[row, : len(p.input_ids)] for row, p in enumerate(batch)]

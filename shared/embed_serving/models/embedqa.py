@@ -52,6 +52,7 @@ class EmbedQABackend(Backend):
                 "llama-nemotron-embed-1b-v2",
             ),
             dimensions=dims,
+            dimension=hidden,
         )
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else raw.get("eos_token_id", 0) or 0)

@@ -43,6 +43,7 @@ class NVEmbedBackend(Backend):
             name="nvidia/NV-Embed-v2",
             model_ids=("nvidia/NV-Embed-v2", "nvidia/nv-embed-v2", "NV-Embed-v2", "nv-embed-v2"),
             supports_instruction=True,
+            dimension=int(text_config["hidden_size"]),
         )
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.eos_token_id)
