@@ -1,0 +1,202 @@
+"""Hostile and oversized requests through the real server (embedqa, golden checkpoint): each is
+a 4xx that names the field or the setting, never a 5xx, and the server answers correctly
+afterwards; plus a bounded property-based fuzz of both routes; plus NIM's conventions on
+/v1/embeddings (model suffix, embedding_type)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+PACKAGE = "embedqa-1b-v2"
+MODEL = "nvidia/llama-3.2-nv-embedqa-1b-v2"
+QUERY = {"queries": ["what is photosynthesis?"]}
+
+
+@pytest.fixture(scope="module")
+def small(golden, start_server):
+    """Small caps so that the limits are reached with cheap requests."""
+    return start_server(
+        PACKAGE,
+        golden / PACKAGE / "checkpoint",
+        MAX_REQUEST_BYTES="200000",
+        MAX_RESPONSE_BYTES="100000",
+        MAX_INPUT_TOKENS="64",
+        DEFAULT_INPUT_TYPE="required",
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(small) -> list:
+    r = small.predict(QUERY)
+    assert r.status_code == 200, r.text
+    return r.json()["query_embeddings"]
+
+
+def _post(server, path: str, content: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(
+        server.url + path,
+        content=content,
+        headers={"Content-Type": "application/json", **headers},
+        timeout=60,
+    )
+
+
+def _still_correct(server, reference) -> None:
+    r = server.predict(QUERY)
+    assert r.status_code == 200 and r.json()["query_embeddings"] == reference
+    assert httpx.get(server.url + "/v1/models/model", timeout=5).status_code == 200
+
+
+RAW_CASES = [
+    ("lone surrogate in a key", b'{"queries": ["a"], "x\\ud800": 1}', 400, "JSON"),
+    ("lone surrogate in a text", b'{"queries": ["a\\udc00b"]}', 400, "JSON"),
+    ("invalid utf-8", b'{"queries": ["\xff\xfe"]}', 400, "UTF-8"),
+    ("nested 1100 deep", b'{"queries": ' + b"[" * 1100 + b"]" * 1100 + b"}", 400, "JSON"),
+    ("5000-digit integer", b'{"queries": ["a"], "batch_size": ' + b"9" * 5000 + b"}", 400, "JSON"),
+    ("NaN", b'{"queries": ["a"], "top_k": NaN}', 400, "JSON"),
+    ("empty body", b"", 400, "empty"),
+    ("nested in a field", b'{"queries": ["a"], "dimensions": ' + b"[" * 900 + b"]" * 900 + b"}", 400, "dimensions"),
+    ("unknown huge key", b'{"queries": ["a"], "' + b"k" * 100000 + b'": 1}', 400, "unknown"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "raw", "status", "word"), RAW_CASES, ids=[c[0] for c in RAW_CASES])
+def test_malformed_bodies_are_4xx(small, reference, name, raw, status, word) -> None:
+    for path in ("/v1/models/model:predict", "/v1/embeddings"):
+        r = _post(small, path, raw)
+        assert r.status_code == status, (name, path, r.status_code, r.text[:300])
+        error = r.json()["error"]
+        message = error["message"] if path == "/v1/embeddings" else error
+        # On /v1/embeddings the predict fields are themselves unknown: any named reason.
+        assert word in message or path == "/v1/embeddings", message
+        assert "Traceback" not in message and len(message) < 1000, message
+    _still_correct(small, reference)
+
+
+def test_body_cap_before_parsing(small, reference) -> None:
+    big = b'{"queries": ["' + b"a " * 200000 + b'"]}'
+    r = _post(small, "/v1/models/model:predict", big)
+    assert r.status_code == 413 and "MAX_REQUEST_BYTES" in r.json()["error"], r.text[:300]
+    _still_correct(small, reference)
+
+
+def test_gzip_body_decoded_within_the_cap(small, reference) -> None:
+    r = _post(small, "/v1/models/model:predict", gzip.compress(b'{"queries": ["what is photosynthesis?"]}'),
+              **{"Content-Encoding": "gzip"})  # fmt: skip
+    assert r.status_code == 200 and r.json()["query_embeddings"] == reference
+    bomb = gzip.compress(b'{"queries": ["' + b"a" * 5_000_000 + b'"]}')
+    assert len(bomb) < 200000
+    r = _post(small, "/v1/models/model:predict", bomb, **{"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and "decompressed" in r.json()["error"], r.text[:300]
+    r = _post(small, "/v1/models/model:predict", b"{}", **{"Content-Encoding": "br"})
+    assert r.status_code == 415, r.text
+    r = _post(small, "/v1/models/model:predict", b"not gzip", **{"Content-Encoding": "gzip"})
+    assert r.status_code == 400 and "gzip" in r.json()["error"]
+    _still_correct(small, reference)
+
+
+def test_long_text_refused_or_cut_before_tokenising(small, reference) -> None:
+    text = "photosynthesis " * 10000  # 150k characters, far over 64 tokens x 16
+    r = small.predict({"passages": [text], "truncate": "NONE"})
+    assert r.status_code == 400 and "INPUT_CHARS_PER_TOKEN" in r.json()["error"]
+    cut = small.predict({"passages": [text], "truncate": "END"})
+    assert cut.status_code == 200, cut.text
+    whole = small.predict({"passages": ["photosynthesis " * 100], "truncate": "END"})
+    # Cutting characters first keeps exactly the tokens truncation keeps.
+    np.testing.assert_allclose(cut.json()["passage_embeddings"], whole.json()["passage_embeddings"], atol=1e-6)  # fmt: skip
+    _still_correct(small, reference)
+
+
+def test_response_cap_before_model_work(small, reference) -> None:
+    # 200 x 32-d floats ~ 100 kB of JSON > the 100000-byte cap; base64 fits.
+    texts = [f"text {i}" for i in range(400)]
+    r = small.predict({"passages": texts})
+    assert r.status_code == 413, r.text[:300]
+    message = r.json()["error"]
+    assert "MAX_RESPONSE_BYTES" in message and "base64" in message, message
+    ok = small.predict({"passages": texts, "encoding_format": "base64"})
+    assert ok.status_code == 200 and len(ok.content) <= 100000
+    _still_correct(small, reference)
+
+
+def test_input_type_required_and_model_suffix(small) -> None:
+    r = small.embeddings({"input": ["a"], "model": MODEL})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "input_type" and "-passage" in error["message"], error
+    suffixed = small.embeddings({"input": ["a text"], "model": f"{MODEL}-passage"})
+    stated = small.embeddings({"input": ["a text"], "model": MODEL, "input_type": "passage"})
+    query = small.embeddings({"input": ["a text"], "model": f"{MODEL}-query"})
+    assert suffixed.status_code == stated.status_code == query.status_code == 200
+    assert suffixed.json()["data"] == stated.json()["data"]
+    assert suffixed.json()["data"] != query.json()["data"]
+    clash = small.embeddings({"input": ["a"], "model": f"{MODEL}-query", "input_type": "passage"})
+    assert clash.status_code == 400 and "-query" in clash.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_binary_embedding_types(small, encoding) -> None:
+    body = {"input": ["a text", "another"], "model": f"{MODEL}-passage"}
+    floats = np.array([d["embedding"] for d in small.embeddings(body).json()["data"]])
+    for kind, dtype in (("ubinary", np.uint8), ("binary", np.int8)):
+        r = small.embeddings({**body, "embedding_type": kind, "encoding_format": encoding})
+        assert r.status_code == 200, r.text
+        got = [d["embedding"] for d in r.json()["data"]]
+        if encoding == "base64":
+            got = [np.frombuffer(base64.b64decode(g), dtype=dtype) for g in got]
+        got = np.array(got).astype(np.int16)
+        bits = np.packbits(floats > 0, axis=-1).astype(np.int16)
+        want = bits if kind == "ubinary" else bits - 128
+        assert got.shape == (2, floats.shape[1] // 8)
+        np.testing.assert_array_equal(got, want)
+    r = small.embeddings({**body, "embedding_type": "int8"})
+    assert r.status_code == 400 and "embedding_type" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("IMAGE_FETCH_TIMEOUT_S", "nan"), ("IMAGE_FETCH_TIMEOUT_S", "inf"), ("MAX_REQUEST_BYTES", "-1"),
+     ("DEFAULT_INPUT_TYPE", "document"), ("MAX_INPUT_TOKENS", "lots"), ("BATCH_MAX_ITEMS", "0")],
+)  # fmt: skip
+def test_bad_settings_fail_before_loading(monkeypatch, name: str, value: str) -> None:
+    # TrussModel.load() runs check_env() before it resolves or reads any weight.
+    from embed_serving.settings import SettingError, check_env
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingError, match=name):
+        check_env()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+_fields = st.sampled_from(
+    ["queries", "passages", "query", "documents", "input", "input_type", "model", "truncate",
+     "encoding_format", "embedding_type", "dimensions", "batch_size", "top_k", "compute_scores",
+     "return_embeddings", "modality", "instruction", "x"]
+)  # fmt: skip
+_bodies = st.dictionaries(_fields, _json | st.lists(st.text(min_size=1, max_size=30), max_size=5))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=_bodies, route=st.sampled_from(["/v1/models/model:predict", "/v1/embeddings"]))
+def test_fuzz_never_5xx(small, reference, body, route) -> None:
+    r = httpx.post(small.url + route, json=body, timeout=60)
+    assert r.status_code < 500, (body, r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert isinstance(error, dict if route == "/v1/embeddings" else str), error
+
+
+def test_fuzz_leaves_server_correct(small, reference) -> None:
+    _still_correct(small, reference)
