@@ -47,9 +47,7 @@ def _by_path(run, backbone: BidirectionalLlama, mask: torch.Tensor) -> dict[str,
         backbone.set_attention(path)
         got = run()
         # Padded positions hold whatever each path leaves there; only real ones count.
-        out[path] = (
-            got * mask.reshape(*mask.shape, *([1] * (got.ndim - 2))) if got.ndim > 2 else got
-        )
+        out[path] = got * mask[..., None] if got.ndim == 3 else got
     backbone.set_attention("sdpa")
     return out
 
