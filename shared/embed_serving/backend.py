@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,7 +23,8 @@ class Prepared:
     protected: int = 1
     # NV-Embed: the instruction's tokens are attended to but not pooled.
     pool_from: int = 0
-    # ColEmbed: the tiles of this input's image, (n_tiles, 3, S, S).
+    # ColEmbed: the tiles of this input's image, uint8 (n_tiles, 3, S, S), normalised on the
+    # device (a quarter of float32's host memory while queued).
     pixel_values: torch.Tensor | None = None
 
 
@@ -63,6 +65,16 @@ class Backend(ABC):
     @abstractmethod
     def prepare(self, items: list[Item], kind: Kind, instruction: str | None) -> list[Prepared]:
         """Token ids for each item, with the model's prefix / instruction, untruncated."""
+
+    def tile_image(self, image: Any) -> torch.Tensor:
+        """The tiles of one decoded RGB image (PIL), in the form `prepare` expects in
+        `Item.pixel_values`. Called per image in a worker thread, right after decoding, so only
+        tiles outlive the bitmap."""
+        raise NotImplementedError(f"{type(self).__name__} does not take images")
+
+    def max_image_tile_bytes(self) -> int:
+        """Upper bound of `tile_image(...).nbytes` for any image (memory budgeting)."""
+        raise NotImplementedError(f"{type(self).__name__} does not take images")
 
     @abstractmethod
     def forward(self, batch: list[Prepared]) -> list[torch.Tensor]:

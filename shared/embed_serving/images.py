@@ -29,8 +29,10 @@ import io
 import ipaddress
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohappyeyeballs import AddrInfoType
@@ -38,17 +40,26 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from PIL import Image, ImageOps
 from yarl import URL
 
+from embed_serving.budget import Budget
+
+T = TypeVar("T")
+
 __all__ = [
     "ImageError",
     "ImageInputError",
     "ImageLimits",
     "ImageSource",
+    "base64_bytes",
     "create_session",
+    "data_url_bytes",
     "decode_base64",
     "decode_data_url",
     "decode_image_bytes",
     "fetch_image_bytes",
+    "finish_decode",
     "load_images",
+    "open_image",
+    "process_images",
 ]
 
 
@@ -65,13 +76,31 @@ class ImageLimits:
     fetch_timeout_s: float = 10.0  # IMAGE_FETCH_TIMEOUT_S: whole fetch, all hops + body
     max_redirects: int = 3  # IMAGE_MAX_REDIRECTS
     allow_private: bool = False  # IMAGE_ALLOW_PRIVATE_URLS
-    max_concurrency: int = 8  # fetch/decode slots per request (bounds peak memory)
+    max_concurrency: int = 8  # IMAGE_FETCH_CONCURRENCY: fetch/decode slots per request
+    # IMAGE_FETCH_DEADLINE_S: wall time for all of one request's fetches together. Without it a
+    # request of n URLs could take n / max_concurrency x fetch_timeout_s.
+    fetch_deadline_s: float = 30.0
+    # IMAGE_DECODE_BUDGET_PIXELS: decoded pixels in flight across ALL requests (the decoded
+    # bitmap is the big transient: 3-8 bytes a pixel while it is converted and resized). Two
+    # maximal images at a time by default; it must admit one image of max_pixels.
+    decode_budget_pixels: int = 100_000_000
+    # IMAGE_MEMORY_BUDGET_BYTES: encoded images being fetched/decoded plus the tiles kept until
+    # the request ends, across ALL requests, reserved per request at its worst case up front.
+    memory_budget_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
         if self.max_bytes <= 0 or self.max_pixels <= 0 or self.max_concurrency <= 0:
             raise ValueError("image max_bytes, max_pixels and max_concurrency must be > 0")
         if self.fetch_timeout_s <= 0 or self.max_redirects < 0:
             raise ValueError("image fetch_timeout_s must be > 0 and max_redirects >= 0")
+        if not self.fetch_deadline_s > 0 or self.memory_budget_bytes <= 0:
+            raise ValueError("image fetch_deadline_s and memory_budget_bytes must be > 0")
+        if self.decode_budget_pixels < self.max_pixels:
+            # Otherwise an image within IMAGE_MAX_PIXELS could never be decoded.
+            raise ValueError(
+                f"setting IMAGE_DECODE_BUDGET_PIXELS={self.decode_budget_pixels} must be >= "
+                f"IMAGE_MAX_PIXELS={self.max_pixels}"
+            )
 
 
 class ImageError(Exception):
@@ -115,25 +144,18 @@ def _allowed_formats() -> list[str]:
 
 def decode_image_bytes(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode an encoded image into a loaded RGB image, enforcing byte and pixel caps."""
+    return finish_decode(open_image(data, limits), limits)
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Parse the header only (no pixel data decoded yet) and check the byte and pixel caps, so
+    the caller knows the decoded size before paying for it. Finish with `finish_decode`."""
     if len(data) > limits.max_bytes:
         raise _too_big(len(data), limits)
     if not data:
         raise ImageError("empty image")
     try:
-        with Image.open(io.BytesIO(data), formats=_allowed_formats()) as im:
-            # Image.open only parses the header, so the pixel cap runs before decoding.
-            width, height = im.size
-            if width <= 0 or height <= 0:
-                raise ImageError(_NOT_DECODABLE)
-            if width * height > limits.max_pixels:
-                raise ImageError(
-                    f"image is {width}x{height} ({width * height} pixels), "
-                    f"limit IMAGE_MAX_PIXELS={limits.max_pixels}"
-                )
-            im.load()  # the actual decode (first frame of animations)
-            return _to_rgb(im)
-    except ImageError:
-        raise
+        im = Image.open(io.BytesIO(data), formats=_allowed_formats())
     except Image.DecompressionBombError:
         # Pillow's own guard (~179 MP) fires inside Image.open, before our check can run.
         raise ImageError(
@@ -141,6 +163,29 @@ def decode_image_bytes(data: bytes, limits: ImageLimits) -> Image.Image:
             f"limit IMAGE_MAX_PIXELS={limits.max_pixels}"
         ) from None
     except Exception:  # Pillow raises many types for hostile/corrupt/truncated input
+        raise ImageError(_NOT_DECODABLE) from None
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageError(_NOT_DECODABLE)
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} ({width * height} pixels), "
+            f"limit IMAGE_MAX_PIXELS={limits.max_pixels}"
+        )
+    return im
+
+
+def finish_decode(im: Image.Image, limits: ImageLimits) -> Image.Image:
+    """Decode an image from `open_image` (first frame of animations) and convert it to RGB."""
+    try:
+        im.load()
+        return _to_rgb(im)
+    except Image.DecompressionBombError:
+        raise ImageError(
+            f"image has over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels, "
+            f"limit IMAGE_MAX_PIXELS={limits.max_pixels}"
+        ) from None
+    except Exception:
         raise ImageError(_NOT_DECODABLE) from None
 
 
@@ -186,9 +231,14 @@ _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 def decode_base64(content: str, limits: ImageLimits) -> Image.Image:
     """Decode raw base64 (standard or urlsafe alphabet, whitespace and missing padding
     tolerated) into an RGB image. A ``data:`` URL is accepted here too."""
+    return decode_image_bytes(base64_bytes(content, limits), limits)
+
+
+def base64_bytes(content: str, limits: ImageLimits) -> bytes:
+    """The encoded image inside raw base64 or a ``data:`` URL (see `decode_base64`)."""
     if content[:5].lower() == "data:":
-        return decode_data_url(content, limits)
-    return decode_image_bytes(_b64decode(content, limits), limits)
+        return data_url_bytes(content, limits)
+    return _b64decode(content, limits)
 
 
 def _b64decode(content: str, limits: ImageLimits) -> bytes:
@@ -215,6 +265,11 @@ def _b64decode(content: str, limits: ImageLimits) -> bytes:
 
 def decode_data_url(url: str, limits: ImageLimits) -> Image.Image:
     """Decode ``data:image/<subtype>[;param=value...];base64,<payload>`` into RGB."""
+    return decode_image_bytes(data_url_bytes(url, limits), limits)
+
+
+def data_url_bytes(url: str, limits: ImageLimits) -> bytes:
+    """The encoded image inside a ``data:image/...;base64,`` URL."""
     if url[:5].lower() != "data:":
         raise ImageError("not a data: URL")
     header, comma, payload = url[5:].partition(",")
@@ -226,7 +281,7 @@ def decode_data_url(url: str, limits: ImageLimits) -> Image.Image:
         raise ImageError(f"data: URL must have an image/* media type, got '{media_type[:50]}'")
     if len(params) < 2 or params[-1] != "base64":
         raise ImageError("data: URL must be base64-encoded (';base64,')")
-    return decode_image_bytes(_b64decode(payload, limits), limits)
+    return _b64decode(payload, limits)
 
 
 # --------------------------------------------------------------------------- addresses
@@ -480,20 +535,63 @@ async def _read_capped(resp: aiohttp.ClientResponse, limits: ImageLimits) -> byt
 # --------------------------------------------------------------------------- batches
 
 
-async def load_images(sources: Sequence[ImageSource], limits: ImageLimits) -> list[Image.Image]:
-    """Resolve all sources concurrently (at most ``max_concurrency`` at a time) into RGB
-    images in input order. The lowest-index failure raises :class:`ImageInputError`."""
+def _deadline_error(limits: ImageLimits) -> ImageError:
+    return ImageError(
+        "image fetch did not finish within the request deadline "
+        f"IMAGE_FETCH_DEADLINE_S={limits.fetch_deadline_s:g}"
+    )
+
+
+_fallback_pool: ThreadPoolExecutor | None = None
+
+
+def _default_pool() -> ThreadPoolExecutor:
+    global _fallback_pool
+    if _fallback_pool is None:
+        _fallback_pool = ThreadPoolExecutor(4, thread_name_prefix="image")
+    return _fallback_pool
+
+
+async def process_images(
+    sources: Sequence[ImageSource],
+    limits: ImageLimits,
+    convert: Callable[[Image.Image], T],
+    *,
+    pixels: Budget | None = None,
+    executor: Executor | None = None,
+) -> list[T]:
+    """Fetch / decode each source and hand its RGB image to `convert` (in a worker thread),
+    keeping only what `convert` returns, in input order.
+
+    One image at a time per slot: at most `max_concurrency` sources of this call are in
+    flight, and each decoded bitmap is dropped as soon as `convert` (e.g. tiling) is done with
+    it, so a request of many big pages never holds more than a few bitmaps. `pixels` is the
+    server-wide IMAGE_DECODE_BUDGET_PIXELS budget (one per call when None). Fetches share
+    one deadline (IMAGE_FETCH_DEADLINE_S from the start of the call). The lowest-index
+    failure raises :class:`ImageInputError`; later sources are cancelled at once.
+    """
     if not sources:
         return []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.fetch_deadline_s
+    pool = executor or _default_pool()
+    budget = pixels or Budget(limits.decode_budget_pixels, "IMAGE_DECODE_BUDGET_PIXELS")
     gate = asyncio.Semaphore(limits.max_concurrency)
     needs_http = any(s.url is not None and s.url[:5].lower() != "data:" for s in sources)
     session = create_session(limits) if needs_http else None
-    tasks: list[asyncio.Task[Image.Image]] = []
+    tasks: list[asyncio.Task[T]] = []
 
-    async def resolve(index: int, source: ImageSource) -> Image.Image:
+    async def resolve(index: int, source: ImageSource) -> T:
         try:
             async with gate:
-                return await _load_one(source, limits, session)
+                data = await _source_bytes(source, limits, session, pool, deadline)
+                im = await _in_thread(pool, None, 0, open_image, data, limits)
+                del data  # `im` keeps what it needs
+                cost = im.width * im.height
+                await budget.acquire(cost)
+                # Released by the worker when it is done, not when we are: a cancelled request
+                # must not free pixels that a decode still holds.
+                return await _in_thread(pool, budget, cost, _decode_convert, im, limits, convert)
         except ImageError:
             # Higher indices can no longer be the reported error: stop their work early.
             for later in tasks[index + 1 :]:
@@ -502,13 +600,13 @@ async def load_images(sources: Sequence[ImageSource], limits: ImageLimits) -> li
 
     try:
         tasks.extend(asyncio.create_task(resolve(i, s)) for i, s in enumerate(sources))
-        images: list[Image.Image] = []
+        results: list[T] = []
         for index, task in enumerate(tasks):  # in order, so the lowest failing index wins
             try:
-                images.append(await task)
+                results.append(await task)
             except ImageError as exc:
                 raise ImageInputError(index, str(exc)) from None
-        return images
+        return results
     finally:
         for task in tasks:
             task.cancel()
@@ -517,15 +615,56 @@ async def load_images(sources: Sequence[ImageSource], limits: ImageLimits) -> li
             await session.close()
 
 
-async def _load_one(
-    source: ImageSource, limits: ImageLimits, session: aiohttp.ClientSession | None
-) -> Image.Image:
+async def load_images(sources: Sequence[ImageSource], limits: ImageLimits) -> list[Image.Image]:
+    """Resolve all sources concurrently (at most ``max_concurrency`` at a time) into RGB
+    images in input order. The lowest-index failure raises :class:`ImageInputError`.
+    (The server uses `process_images`, which keeps tiles instead of whole bitmaps.)"""
+    return await process_images(sources, limits, _identity)
+
+
+def _identity(im: Image.Image) -> Image.Image:
+    return im
+
+
+def _decode_convert(im: Image.Image, limits: ImageLimits, convert: Callable[[Image.Image], T]) -> T:
+    return convert(finish_decode(im, limits))
+
+
+async def _in_thread(
+    pool: Executor, budget: Budget | None, cost: int, fn: Callable[..., T], *args: Any
+) -> T:
+    """Run `fn` in `pool` (never on the event loop: decoding a big page takes seconds), and
+    give `cost` back to `budget` once the worker has finished or the job was dropped unrun."""
+    loop = asyncio.get_running_loop()
+    job = pool.submit(fn, *args)
+    if budget is not None:
+
+        def done(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to wake
+                loop.call_soon_threadsafe(budget.release, cost)
+
+        job.add_done_callback(done)
+    return await asyncio.wrap_future(job)
+
+
+async def _source_bytes(
+    source: ImageSource,
+    limits: ImageLimits,
+    session: aiohttp.ClientSession | None,
+    pool: Executor,
+    deadline: float,
+) -> bytes:
     if (source.url is None) == (source.content is None):
         raise ImageError("image needs exactly one of 'url' or 'content'")
     if source.content is not None:
-        return await asyncio.to_thread(decode_base64, source.content, limits)
+        return await _in_thread(pool, None, 0, base64_bytes, source.content, limits)
     url = source.url or ""
     if url[:5].lower() == "data:":
-        return await asyncio.to_thread(decode_data_url, url, limits)
-    data = await fetch_image_bytes(url, limits, session)
-    return await asyncio.to_thread(decode_image_bytes, data, limits)
+        return await _in_thread(pool, None, 0, data_url_bytes, url, limits)
+    if asyncio.get_running_loop().time() >= deadline:
+        raise _deadline_error(limits)
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await fetch_image_bytes(url, limits, session)
+    except TimeoutError:
+        raise _deadline_error(limits) from None
