@@ -119,13 +119,14 @@ def test_openai_error_message_reaches_the_exception(server_48, oai) -> None:
 
 @pytest.fixture(scope="module")
 def wide_server(start_server, tmp_path_factory: pytest.TempPathFactory) -> TrussServer:
-    """A tiny checkpoint 512 wide: the golden one is 16 wide, too narrow for Matryoshka 384."""
+    """A tiny checkpoint 512 wide (the golden one is 16 wide, too narrow for Matryoshka 384),
+    served by a deployment that requires the input type to be said."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "shared"))
     from embed_serving.tiny import write_tiny_embedqa
 
     ck = tmp_path_factory.mktemp("wide") / "ck"
     write_tiny_embedqa(ck, seed=5, hidden=512, layers=1)
-    return start_server(PACKAGE, ck)
+    return start_server(PACKAGE, ck, DEFAULT_INPUT_TYPE="required")
 
 
 def test_openai_dimensions_384(wide_server) -> None:
@@ -134,13 +135,26 @@ def test_openai_dimensions_384(wide_server) -> None:
     texts = ["how do plants make energy?", "the Eiffel Tower is in Paris"]
     full = direct(wide_server, texts, "query")
     assert full.shape == (2, 512)
-    short = client.embeddings.create(model=MODEL, input=texts, dimensions=384)
+    short = client.embeddings.create(model=f"{MODEL}-query", input=texts, dimensions=384)
     got = np.asarray([d.embedding for d in short.data], dtype=np.float32)
     assert got.shape == (2, 384)
     assert_close(np.linalg.norm(got, axis=1), [1.0, 1.0], 1e-5)
     head = full[:, :384]
     assert_close(got, head / np.linalg.norm(head, axis=1, keepdims=True), 1e-5)
     assert_differ(got, full[:, :384])  # renormalised, not merely cut
+
+
+def test_openai_required_input_type(wide_server) -> None:
+    """DEFAULT_INPUT_TYPE=required: a request that says neither is a 400 naming both ways."""
+    openai = pytest.importorskip("openai", reason="openai is a dev dependency (requirements-dev)")
+    client = openai.OpenAI(base_url=f"{wide_server.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model=MODEL, input="how do plants make energy?")
+    assert info.value.param == "input_type"
+    for part in ("input_type", "-passage", "-query"):
+        assert part in info.value.message, info.value.message
+    said = client.embeddings.create(model=MODEL, input="x", extra_body={"input_type": "passage"})
+    assert_close([said.data[0].embedding], direct(wide_server, ["x"], "passage"), 1e-6)
 
 
 # --- baseten-performance-client ---------------------------------------------------------------
@@ -182,6 +196,23 @@ def test_performance_client_error_carries_the_message(server_48) -> None:
         client.embed(input=["short", LONG], model=f"{MODEL}-passage", preference=pref)
     text = str(info.value)
     assert "400" in text and "MAX_INPUT_TOKENS" in text and str(LIMIT) in text
+
+
+def test_performance_client_on_a_deployment_that_requires_input_type(wide_server) -> None:
+    """The performance client cannot send input_type: where the deployment requires one,
+    the bare model name is refused with a message that points at the suffix, which works."""
+    bpc = pytest.importorskip(
+        "baseten_performance_client", reason="baseten-performance-client is a dev dependency"
+    )
+    requests = pytest.importorskip("requests", reason="the client raises requests' HTTPError")
+    client = bpc.PerformanceClient(base_url=wide_server.url, api_key="unused-locally")
+    pref = bpc.RequestProcessingPreference(max_retries=0, batch_size=4)
+    texts = [f"chunk {i}" for i in range(10)]
+    with pytest.raises(requests.exceptions.HTTPError) as info:
+        client.embed(input=texts, model=MODEL, preference=pref)
+    assert "400" in str(info.value) and f"{MODEL}-passage" in str(info.value)
+    got = client.embed(input=texts, model=f"{MODEL}-passage", preference=pref).numpy()
+    assert_close(got, direct(wide_server, texts, "passage"), ATOL)
 
 
 # --- langchain-nvidia-ai-endpoints ------------------------------------------------------------
