@@ -312,3 +312,57 @@ def test_base64_is_little_endian_float32(server_48) -> None:
     assert r.status_code == 200, r.text
     got = [np.frombuffer(base64.b64decode(d["embedding"]), "<f4") for d in r.json()["data"]]
     assert_close(got, direct(server_48, texts, "passage"), 1e-6)
+
+
+# --- colembed: multi-vectors through the same clients -----------------------------------------
+
+COLEMBED = "nvidia/llama-nemoretriever-colembed-3b-v1"
+
+
+@pytest.fixture(scope="module")
+def colembed_server(golden, start_server) -> TrussServer:
+    return start_server("colembed-3b", golden / "colembed-3b" / "checkpoint")
+
+
+def colembed_direct(srv: TrussServer, texts: list[str], input_type: str) -> list[np.ndarray]:
+    body = {"input": texts, "model": COLEMBED, "input_type": input_type, "encoding_format": "float"}
+    r = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return [np.asarray(d["embedding"], dtype=np.float32) for d in r.json()["data"]]
+
+
+def test_colembed_openai_base64_multivectors_and_suffix(colembed_server) -> None:
+    """The SDK decodes a multi-vector's base64 into one flat list; the item's `shape` (kept by
+    the SDK as an extra field) gives it back its tokens x dim form."""
+    openai = pytest.importorskip("openai", reason="openai is a dev dependency (requirements-dev)")
+    client = openai.OpenAI(base_url=f"{colembed_server.url}/v1", api_key="x", max_retries=0)
+    texts = ["Revenue grew 12% in every region.", "a short one"]
+    want = colembed_direct(colembed_server, texts, "passage")
+    resp = client.embeddings.create(model=f"{COLEMBED}-passage", input=texts)
+    for d, w in zip(resp.data, want, strict=True):
+        shape = (d.model_extra or {}).get("shape")
+        assert shape == list(w.shape), shape
+        assert_close(np.asarray(d.embedding, np.float32).reshape(shape), w, 1e-6)
+    queries = colembed_direct(colembed_server, texts[:1], "query")
+    assert queries[0].shape != want[0].shape or not np.allclose(queries[0], want[0], atol=1e-3)
+
+
+def test_colembed_performance_client_with_suffix(colembed_server) -> None:
+    """The performance client parses `embedding` as one list of floats: a multi-vector (a list
+    of token vectors) comes back only as base64, which it hands over undecoded."""
+    bpc = pytest.importorskip(
+        "baseten_performance_client", reason="baseten-performance-client is a dev dependency"
+    )
+    client = bpc.PerformanceClient(base_url=colembed_server.url, api_key="unused-locally")
+    texts = [f"page {i} of the annual report" for i in range(12)]
+    pref = bpc.RequestProcessingPreference(batch_size=5, max_concurrent_requests=3, max_retries=0)
+    model = f"{COLEMBED}-passage"
+    resp = client.embed(input=texts, model=model, encoding_format="base64", preference=pref)
+    want = colembed_direct(colembed_server, texts, "passage")
+    assert [d.index for d in resp.data] == list(range(len(texts)))
+    for d, w in zip(resp.data, want, strict=True):
+        got = np.frombuffer(base64.b64decode(d.embedding), "<f4").reshape(-1, w.shape[1])
+        assert_close(got, w, ATOL)
+    # JSON floats (nested lists) are beyond its response type: the README says use base64.
+    with pytest.raises(ValueError, match="parse"):
+        client.embed(input=texts[:2], model=model, preference=pref)
