@@ -7,7 +7,7 @@ PORT ?= 8080
 OUT ?= build/checkpoints/$(MODEL)
 MODELS := embedqa-1b-v2 nv-embed-v2 colembed-3b
 
-.PHONY: help setup test demo serve checkpoint bench push watch lint format lock clean
+.PHONY: help setup test demo serve checkpoint bench bench-gpu gpu-wheels push watch lint format lock clean
 
 help:
 	@echo "make demo                         tiny checkpoints, real servers, example requests"
@@ -15,6 +15,9 @@ help:
 	@echo "make serve MODEL=<dir> [CHECKPOINT=<dir>] [PORT=8080] [SETTING=value ...]"
 	@echo "make checkpoint MODEL=<dir> OUT=<dir>   tiny random-weight checkpoint"
 	@echo "make bench                        benchmarks (ratios measured side by side)"
+	@echo "make gpu-wheels                   (with network) wheels/gpu for bench-gpu on an offline GPU box"
+	@echo "make bench-gpu [GOLDEN=<dir>]     on a GPU box, no network, no venv: models at official shapes,"
+	@echo "                                  attention paths, MaxSim, NV-Embed at 32k, bf16 conformance"
 	@echo "make push MODEL=<dir> / make watch MODEL=<dir>   truss push --publish / truss watch"
 
 $(VENV)/.installed: requirements-dev.lock
@@ -44,6 +47,22 @@ bench: setup
 	$(PY) bench/bench_maxsim.py
 	$(PY) bench/bench_serving.py
 	$(PY) bench/bench_engine.py
+
+# On a GPU machine: its own python3 and torch, no network, no venv. What it lacks comes from
+# wheels/gpu (made by `make gpu-wheels` on a machine with network, copied with the checkout).
+GPU_PYTHON ?= python3
+GOLDEN ?= ../shared/golden
+GPU_PYTHONS ?= 3.11,3.12,3.13
+
+gpu-wheels: setup
+	$(PY) tools/gpu_wheels.py --pythons $(GPU_PYTHONS)
+
+bench-gpu:
+	$(GPU_PYTHON) tools/gpu_env.py bench/bench_gpu.py --json build/bench_gpu.json
+	@if [ -d "$(GOLDEN)" ]; then \
+		$(GPU_PYTHON) tools/gpu_env.py bench/gpu_conformance.py --golden $(GOLDEN) \
+			--json build/gpu_conformance.json; \
+	else echo "bench-gpu: no golden fixtures at $(GOLDEN), conformance skipped (GOLDEN=<dir>)"; fi
 
 push: setup
 	$(VENV)/bin/truss push $(MODEL) --publish

@@ -217,15 +217,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = run(args.golden, device, dtypes)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(render(rows, name))
-    failed = {
-        r["model"]: within_tolerance(r) for r in rows if r["dtype"] != "float32"
-    }  # fmt: skip
-    for model, problems in failed.items():
-        if problems:
-            print(f"{model}: bf16 OUTSIDE tolerance: {', '.join(problems)}")
+    failures = []
+    for r in rows:
+        if r["dtype"] == "float32":
+            atol = json.loads((args.golden / r["model"] / "cases.json").read_text())["atol"]
+            if r["max_abs"] > atol:
+                failures.append(f"{r['model']} float32: max |diff| {r['max_abs']:.2e} > {atol}")
+        elif problems := within_tolerance(r):
+            failures.append(f"{r['model']} {r['dtype']} outside tolerance: {', '.join(problems)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+    if failures:
+        raise SystemExit("NOT CONFORMANT:\n" + "\n".join(failures))
+    print("conformant: float32 within the fixtures' atol, bf16 within BF16_TOLERANCE")
     return rows
 
 

@@ -104,3 +104,26 @@ def test_attention_setting(monkeypatch: pytest.MonkeyPatch) -> None:
         attention.pick_attention()
     monkeypatch.delenv("ATTENTION")
     assert attention.pick_attention() == "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_kernel_on_gpu_matches_masked(golden: Path, dtype: torch.dtype) -> None:
+    # On CUDA in half precision the packed path runs flash-attn or torch's varlen_attn.
+    cuda = torch.device("cuda")
+    checkpoint = golden / "embedqa-1b-v2" / "checkpoint"
+    with torch.device("meta"):
+        model = BidirectionalLlama(llama_config(read_config(checkpoint), "sdpa"))
+    load_strict(model, checkpoint, cuda, dtype)
+    model.reset_rotary(cuda)
+    model.eval()
+    name, _ = attention.varlen_kernel(cuda, dtype)
+    if name == "sdpa_loop":
+        pytest.skip("neither flash-attn nor torch's varlen_attn is available here")
+    ids, mask = (t.to(cuda) for t in _batch(LENGTHS["padded"], model.config.vocab_size))
+    out = _by_path(lambda: model(input_ids=ids, attention_mask=mask), model, mask)
+    ref = out["sdpa_masked"].float()
+    got = out["varlen"].float()
+    cos = torch.nn.functional.cosine_similarity(got[mask.bool()], ref[mask.bool()], dim=-1)
+    # Two half-precision kernels differ by their rounding only.
+    assert float(cos.min()) >= 0.999, name
