@@ -157,6 +157,32 @@ def test_openai_required_input_type(wide_server) -> None:
     assert_close([said.data[0].embedding], direct(wide_server, ["x"], "passage"), 1e-6)
 
 
+def test_openai_binary_embeddings_need_an_explicit_encoding_format(wide_server) -> None:
+    """`embedding_type` ubinary / binary through the SDK: say `encoding_format`. Left out, the
+    SDK asks for base64 and decodes the packed bits as float32, silently (512 bits = 64 bytes =
+    16 meaningless floats)."""
+    openai = pytest.importorskip("openai", reason="openai is a dev dependency (requirements-dev)")
+    client = openai.OpenAI(base_url=f"{wide_server.url}/v1", api_key="x", max_retries=0)
+    texts = ["how do plants make energy?", "the Eiffel Tower is in Paris"]
+    signs = np.packbits(direct(wide_server, texts, "passage") > 0, axis=1)  # (2, 64) uint8
+    model, ubinary = f"{MODEL}-passage", {"embedding_type": "ubinary"}
+    packed = client.embeddings.create(
+        model=model, input=texts, encoding_format="base64", extra_body=ubinary
+    )
+    got = [np.frombuffer(base64.b64decode(d.embedding), np.uint8) for d in packed.data]
+    assert np.array_equal(np.stack(got), signs)
+    as_ints = client.embeddings.create(
+        model=model, input=texts, encoding_format="float", extra_body=ubinary
+    )
+    assert np.array_equal(np.asarray([d.embedding for d in as_ints.data]), signs)
+    signed = client.embeddings.create(
+        model=model, input=texts, encoding_format="float", extra_body={"embedding_type": "binary"}
+    )
+    assert np.array_equal(np.asarray([d.embedding for d in signed.data]), signs.astype(int) - 128)
+    misread = client.embeddings.create(model=model, input=texts, extra_body=ubinary)
+    assert len(misread.data[0].embedding) == 16  # the pitfall the README warns about
+
+
 # --- baseten-performance-client ---------------------------------------------------------------
 
 
