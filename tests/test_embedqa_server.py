@@ -51,7 +51,7 @@ def test_truncate_none_refuses_what_end_cuts(cases, server_48) -> None:
     long_index = g["token_counts"].index(48)
     r = server_48.embeddings({"input": g["texts"], "input_type": g["kind"]})
     assert r.status_code == 400
-    msg = r.json()["error"]
+    msg = r.json()["error"]["message"]
     assert f"input[{long_index}]" in msg and "48" in msg and "MAX_INPUT_TOKENS" in msg
 
 
@@ -109,7 +109,7 @@ def test_dimensions_and_base64(cases, server) -> None:
     got = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in r.json()["data"]]
     assert_close(got, full.tolist(), 1e-4)
     bad = server.embeddings({"input": "x", "dimensions": 384})
-    assert bad.status_code == 400 and "16" in bad.json()["error"]
+    assert bad.status_code == 400 and "16" in bad.json()["error"]["message"]
 
 
 def test_openai_client(cases, server) -> None:

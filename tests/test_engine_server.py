@@ -31,7 +31,11 @@ def metric(url: str, name: str, labels: str = "") -> float:
 @pytest.fixture(scope="module")
 def small_queue(golden, start_server):
     # Room for about one request of the size below: a second one waiting is refused.
-    return start_server(PACKAGE, golden / PACKAGE / "checkpoint", MAX_QUEUE_TOKENS="6000")
+    # INPUT_CHARS_PER_TOKEN raised so that the huge text below is tokenised whole, not cut first.
+    return start_server(
+        PACKAGE, golden / PACKAGE / "checkpoint", MAX_QUEUE_TOKENS="6000",
+        INPUT_CHARS_PER_TOKEN="1000",
+    )  # fmt: skip
 
 
 def test_overload_is_429_with_retry_after_never_5xx(small_queue) -> None:

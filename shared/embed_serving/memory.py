@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ def configure_allocator() -> None:
 
 
 def release_memory() -> None:
-    """Return free heap pages to the system (a few ms; run it off the event loop)."""
+    """Return free heap pages to the system (tens of ms; run it off the event loop). A big
+    body can stay referenced from collectable cycles (framework objects of the request), so
+    collect first: measured, RSS otherwise crept up ~50 MB per 50 MB request until a later
+    collection."""
+    gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

@@ -69,8 +69,11 @@ class TrussModel:
             else:
                 response = await service.embeddings(body, request.is_disconnected)
             del body
-            if big or len(response.body) > memory.TRIM_AFTER_BYTES:
-                # After the response is sent and its buffers are freed: give the memory back.
+            if big:
+                # The body and all that was parsed from it are freed now: give it back.
+                await asyncio.to_thread(memory.release_memory)
+            if len(response.body) > memory.TRIM_AFTER_BYTES:
+                # After a big response is sent and its buffer freed.
                 response.background = BackgroundTask(asyncio.to_thread, memory.release_memory)
         except RequestError as e:
             # A client's mistake is one line, not a traceback: bad clients must not flood the
