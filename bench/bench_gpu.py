@@ -35,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -335,6 +336,8 @@ def attention_paths(built: Built, scale: Scale, gen: torch.Generator) -> list[At
             kernel = built.backbone._padded_implementation
             if path == "varlen":
                 kernel = attention.varlen_kernel(device, built.backend.dtype)[0]
+                if attention.FAST_KERNEL_ERROR:
+                    kernel += f" (fast kernel failed: {attention.FAST_KERNEL_ERROR})"
             rows.append(
                 AttentionRow(
                     model=built.name,
@@ -465,8 +468,7 @@ def bench_model(name: str, scale: Scale, device: torch.device, dtype: torch.dtyp
     if name == "nv-embed-v2":
         report["long_input"] = long_input(built, scale, gen)
     del built
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free(device)
     return report
 
 
@@ -561,20 +563,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "models": [],
         "maxsim": [],
     }
+    report["errors"] = []
+    # One section failing (a model that does not fit this GPU, a kernel this torch lacks) must
+    # not cost the others' figures: it is reported, and the exit status says so.
     for name in [m for m in args.models.split(",") if m]:
         print(f"... {name}", file=sys.stderr, flush=True)
-        model = bench_model(name, scale, device, dtype)
+        try:
+            model = bench_model(name, scale, device, dtype)
+        except Exception as e:
+            traceback.print_exc()
+            report["errors"].append(f"{name}: {e!r}"[:500])
+            _free(device)
+            continue
         model["fastest_exact"] = fastest_exact(model["attention"])
         report["models"].append(model)
     if "maxsim" not in args.skip:
         print("... maxsim", file=sys.stderr, flush=True)
-        report["maxsim"] = maxsim(scale, device, dtype)
+        try:
+            report["maxsim"] = maxsim(scale, device, dtype)
+        except Exception as e:
+            traceback.print_exc()
+            report["errors"].append(f"maxsim: {e!r}"[:500])
     report["anchors"] = ANCHORS
     print(render(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1, default=_jsonable))
+    if report["errors"]:
+        print("\nFAILED sections:\n" + "\n".join(report["errors"]), file=sys.stderr)
+        if argv is None:
+            raise SystemExit(1)
     return report
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _jsonable(x: Any) -> Any:

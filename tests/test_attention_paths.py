@@ -127,3 +127,21 @@ def test_varlen_kernel_on_gpu_matches_masked(golden: Path, dtype: torch.dtype) -
     cos = torch.nn.functional.cosine_similarity(got[mask.bool()], ref[mask.bool()], dim=-1)
     # Two half-precision kernels differ by their rounding only.
     assert float(cos.min()) >= 0.999, name
+
+
+def test_failing_fast_kernel_falls_back_to_the_loop(
+    golden: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: object) -> torch.Tensor:
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    def kernel(device: torch.device, dtype: torch.dtype):  # a CUDA machine whose kernel fails
+        return ("sdpa_loop", attention.loop_kernel) if attention.FAST_KERNEL_ERROR else ("x", boom)
+
+    monkeypatch.setattr(attention, "varlen_kernel", kernel)
+    monkeypatch.setattr(attention, "FAST_KERNEL_ERROR", None)
+    model = _embedqa(golden / "embedqa-1b-v2" / "checkpoint")
+    ids, mask = _batch(LENGTHS["padded"], model.config.vocab_size)
+    out = _by_path(lambda: model(input_ids=ids, attention_mask=mask), model, mask)
+    assert float((out["varlen"] - out["sdpa_masked"]).abs().max()) <= 1e-5
+    assert attention.FAST_KERNEL_ERROR.startswith("x: no kernel image")

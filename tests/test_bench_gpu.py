@@ -32,6 +32,7 @@ def _positive(x: object) -> bool:
 
 def test_every_model_and_workload_has_a_row(report: dict) -> None:
     assert report["smoke"] is True and report["device"].startswith("CPU")
+    assert report["errors"] == []
     assert [m["model"] for m in report["models"]] == list(bench_gpu.MODELS)
     for model in report["models"]:
         want = WORKLOADS | ({"page-image"} if model["model"] == "colembed-3b" else set())

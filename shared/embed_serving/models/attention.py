@@ -116,9 +116,14 @@ def _fast_kernel() -> tuple[str, VarlenKernel | None]:
     return "none", None
 
 
+# Why the fast kernel was given up, if it failed once (e.g. a torch build without it for this
+# GPU); the packed path then keeps working on the exact loop, and the benchmark says so.
+FAST_KERNEL_ERROR: str | None = None
+
+
 def varlen_kernel(device: torch.device, dtype: torch.dtype) -> tuple[str, VarlenKernel]:
     """The packed kernel for tensors on `device` in `dtype`, with its name (for the bench)."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not FAST_KERNEL_ERROR:
         name, kernel = _fast_kernel()
         if kernel is not None:
             return name, kernel
@@ -143,8 +148,17 @@ def varlen_attention_forward(
         raise RuntimeError("the packed attention path needs cu_seqlens")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, H, D)
     scale = float(scaling if scaling is not None else q.shape[-1] ** -0.5)
-    _, kernel = varlen_kernel(q.device, q.dtype)
-    out = kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen, scale)
+    global FAST_KERNEL_ERROR
+    name, kernel = varlen_kernel(q.device, q.dtype)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_seqlen, scale)
+    try:
+        out = kernel(*args)
+    except RuntimeError as e:
+        if kernel is loop_kernel:
+            raise
+        FAST_KERNEL_ERROR = f"{name}: {e}".splitlines()[0][:300]
+        log.warning("packed attention kernel failed, using the exact loop: %s", FAST_KERNEL_ERROR)
+        out = loop_kernel(*args)
     return out.unsqueeze(0), None  # (1, N, H, D), as transformers' sdpa returns it
 
 
