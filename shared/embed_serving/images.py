@@ -217,7 +217,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         # A transparency key in the wide range no longer matches the rescaled values.
         im.info.pop("transparency", None)
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
+        # No copy when it already is RGBA: the page's bitmap is the biggest thing we hold.
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")
         background = Image.new("RGB", rgba.size, _WHITE)
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
