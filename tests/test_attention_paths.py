@@ -145,3 +145,21 @@ def test_failing_fast_kernel_falls_back_to_the_loop(
     out = _by_path(lambda: model(input_ids=ids, attention_mask=mask), model, mask)
     assert float((out["varlen"] - out["sdpa_masked"]).abs().max()) <= 1e-5
     assert attention.FAST_KERNEL_ERROR.startswith("x: no kernel image")
+
+
+@torch.inference_mode()
+def test_custom_4d_mask_is_used_as_given_on_every_path(golden: Path) -> None:
+    model = _embedqa(golden / "embedqa-1b-v2" / "checkpoint")
+    ids, mask = _batch(LENGTHS["padded"], model.config.vocab_size)
+    length = ids.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None]
+    causal = causal & mask.bool()[:, None, None, :]
+    out = {}
+    for path in attention.ATTENTION_PATHS:
+        model.set_attention(path)
+        out[path] = model(input_ids=ids, attention_mask=causal) * mask[..., None]
+    model.set_attention("sdpa")
+    bidirectional = model(input_ids=ids, attention_mask=mask) * mask[..., None]
+    for path, got in out.items():
+        assert torch.allclose(got, out["sdpa"], atol=1e-5), path
+    assert float((out["sdpa"] - bidirectional).abs().max()) > 0.01  # the mask did apply

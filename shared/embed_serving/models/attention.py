@@ -145,7 +145,12 @@ def varlen_attention_forward(
     """transformers' attention-interface signature; query (1, H, N, D) is one packed row, whose
     sequence boundaries `cu_seqlens` (int32, len B+1) the encoder passes down the layers."""
     if cu_seqlens is None:
-        raise RuntimeError("the packed attention path needs cu_seqlens")
+        # Not packed (a custom 4D mask, or no mask): exactly transformers' sdpa, whose mask
+        # format `register` gave this implementation too.
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (N, H, D)
     scale = float(scaling if scaling is not None else q.shape[-1] ** -0.5)
     global FAST_KERNEL_ERROR
@@ -163,11 +168,13 @@ def varlen_attention_forward(
 
 
 def register() -> None:
-    """Make `embed_varlen` a transformers attention implementation (idempotent). No mask is
-    registered for it on purpose: the packed path builds none."""
+    """Make `embed_varlen` a transformers attention implementation (idempotent). Its masks are
+    sdpa's: the packed path builds none, and anything not packed runs as sdpa would."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
     AttentionInterface.register(VARLEN_IMPLEMENTATION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def pack(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

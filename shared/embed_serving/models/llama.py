@@ -89,11 +89,13 @@ class BidirectionalLlama(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
-        if self.attention == "varlen" and attention_mask is not None:
+        # Packing needs a (B, T) padding mask; a custom 4D mask is used as given (padded path).
+        two_d = attention_mask is None or attention_mask.ndim == 2
+        if self.attention == "varlen" and attention_mask is not None and two_d:
             return self._forward_packed(inputs_embeds, attention_mask)
         position_ids = torch.arange(length, device=inputs_embeds.device).unsqueeze(0)
-        if self.attention == "sdpa_masked" and self._padded_implementation == "sdpa":
-            # The reference: a 4D mask is used as given, never skipped for unpadded batches.
+        if self.attention == "sdpa_masked" and self._padded_implementation == "sdpa" and two_d:
+            # The reference: the padded mask, never skipped for unpadded batches.
             if attention_mask is None:
                 attention_mask = torch.ones((batch, length), device=inputs_embeds.device)
             mask = attention_mask.bool()[:, None, None, :].expand(batch, 1, length, length)
