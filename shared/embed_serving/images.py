@@ -13,6 +13,10 @@ Everything here treats the input as hostile:
 * Decoding: a format allowlist (Pillow would otherwise shell out to Ghostscript for EPS),
   the pixel cap checked from the header BEFORE any pixel data is decoded (decompression
   bombs), then conversion to RGB.
+* Memory (`process_images`): each source is fetched, decoded and handed to a converter (the
+  server tiles it) in a worker thread, one at a time per slot; only the converter's result is
+  kept. A server-wide pixel budget bounds the bitmaps being decoded across all requests, and
+  one deadline bounds all of a request's fetches together.
 
 Error messages name the deployment settings (IMAGE_MAX_BYTES, ...) so a user knows which
 knob an operator would have to turn.
