@@ -57,12 +57,15 @@ GPU_PYTHONS ?= 3.11,3.12,3.13
 gpu-wheels: setup
 	$(PY) tools/gpu_wheels.py --pythons $(GPU_PYTHONS)
 
+# Both parts always run; the target fails if either did.
 bench-gpu:
-	$(GPU_PYTHON) tools/gpu_env.py bench/bench_gpu.py --json build/bench_gpu.json
-	@if [ -d "$(GOLDEN)" ]; then \
+	@status=0; \
+	$(GPU_PYTHON) tools/gpu_env.py bench/bench_gpu.py --json build/bench_gpu.json || status=1; \
+	if [ -d "$(GOLDEN)" ]; then \
 		$(GPU_PYTHON) tools/gpu_env.py bench/gpu_conformance.py --golden $(GOLDEN) \
-			--json build/gpu_conformance.json; \
-	else echo "bench-gpu: no golden fixtures at $(GOLDEN), conformance skipped (GOLDEN=<dir>)"; fi
+			--json build/gpu_conformance.json || status=1; \
+	else echo "bench-gpu: no golden fixtures at $(GOLDEN), conformance skipped (GOLDEN=<dir>)"; fi; \
+	exit $$status
 
 push: setup
 	$(VENV)/bin/truss push $(MODEL) --publish

@@ -536,6 +536,8 @@ def render(report: dict[str, Any]) -> str:
                 f"weights {_f(li['weights_gb'], 2)} GB, activation peak "
                 f"{_f(li['activation_peak_gb'], 2)} GB. {ANCHORS['nv-embed-32k']}."
             )
+    for error in report.get("errors", []):
+        lines.append(f"FAILED: {error}")
     return "\n".join(lines)
 
 
