@@ -190,10 +190,12 @@ def page_inputs(built: Built, n: int, gen: torch.Generator) -> list[Prepared]:
 
     spec = built.spec
     assert spec is not None
+    # The backend's own tiling (uint8 tiles, normalised on the device) where it has one.
+    tile = getattr(built.backend, "tile_image", None) or spec.pixel_values
     tiled = []
     for width, height in PAGE_SIZES:
         pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
-        tiled.append(spec.pixel_values(Image.fromarray(pixels.numpy())))
+        tiled.append(tile(Image.fromarray(pixels.numpy())))
     out = []
     for i in range(n):
         tiles = tiled[i % len(tiled)]
