@@ -51,7 +51,7 @@ bench: setup
 # On a GPU machine: its own python3 and torch, no network, no venv. What it lacks comes from
 # wheels/gpu (made by `make gpu-wheels` on a machine with network, copied with the checkout).
 GPU_PYTHON ?= python3
-GOLDEN ?= ../shared/golden
+GOLDEN ?= tests/golden
 GPU_PYTHONS ?= 3.11,3.12,3.13
 
 gpu-wheels: setup
@@ -61,10 +61,8 @@ gpu-wheels: setup
 bench-gpu:
 	@status=0; \
 	$(GPU_PYTHON) tools/gpu_env.py bench/bench_gpu.py --json build/bench_gpu.json || status=1; \
-	if [ -d "$(GOLDEN)" ]; then \
-		$(GPU_PYTHON) tools/gpu_env.py bench/gpu_conformance.py --golden $(GOLDEN) \
-			--json build/gpu_conformance.json || status=1; \
-	else echo "bench-gpu: no golden fixtures at $(GOLDEN), conformance skipped (GOLDEN=<dir>)"; fi; \
+	$(GPU_PYTHON) tools/gpu_env.py bench/gpu_conformance.py --golden $(GOLDEN) \
+		--json build/gpu_conformance.json || status=1; \
 	exit $$status
 
 push: setup
