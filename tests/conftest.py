@@ -26,11 +26,20 @@ def golden() -> Path:
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     servers: list[TrussServer] = []
+    shared: dict[tuple, TrussServer] = {}
     build_dir = tmp_path_factory.mktemp("servers")
 
-    def start(package: str, checkpoint: Path, **env: str) -> TrussServer:
+    def start(package: str, checkpoint: Path, *, share: bool = False, **env: str) -> TrussServer:
+        # share=True: callers that only send requests and read the answers (never counters or
+        # memory) share one server per package, checkpoint and settings: a start costs seconds
+        # of the machine's few cores.
+        key = (package, str(checkpoint), tuple(sorted(env.items())))
+        if share and key in shared and shared[key].proc.poll() is None:
+            return shared[key]
         server = TrussServer(package, checkpoint, build_dir, env)
         servers.append(server)
+        if share:
+            shared[key] = server
         return server
 
     yield start

@@ -347,7 +347,11 @@ COLEMBED = "nvidia/llama-nemoretriever-colembed-3b-v1"
 
 @pytest.fixture(scope="module")
 def colembed_server(golden, start_server) -> TrussServer:
-    return start_server("colembed-3b", golden / "colembed-3b" / "checkpoint")
+    # The same deployment as the README's colembed examples (tests/test_readme_examples.py).
+    return start_server(
+        "colembed-3b", golden / "colembed-3b" / "checkpoint", share=True,
+        IMAGE_ALLOW_PRIVATE_URLS="true",
+    )  # fmt: skip
 
 
 def colembed_direct(srv: TrussServer, texts: list[str], input_type: str) -> list[np.ndarray]:
