@@ -143,7 +143,8 @@ class Gateway:
             status, out = 400, {"error": "refused by the README test's gateway"}
         else:
             forward = {k: v for k, v in h.headers.items() if k.lower() in _FORWARDED}
-            r = self.client.request(h.command, self.upstream + target, headers=forward, content=body)
+            url = self.upstream + target
+            r = self.client.request(h.command, url, headers=forward, content=body)
             status, out = r.status_code, r.content
             headers = {k: v for k, v in r.headers.items() if k.lower() in _RETURNED}
         payload = out if isinstance(out, bytes) else json.dumps(out).encode()
@@ -161,8 +162,9 @@ class Gateway:
         self.client.close()
 
 
-_FORWARDED = {"content-type", "content-encoding", "accept", "accept-encoding", "user-agent"}
-_RETURNED = {"content-type", "content-encoding", "retry-after"}
+# httpx hands the body over decoded: the response goes back without a Content-Encoding.
+_FORWARDED = {"content-type", "content-encoding", "accept", "user-agent"}
+_RETURNED = {"content-type", "retry-after"}
 
 
 class ImageHost:
