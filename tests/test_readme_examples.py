@@ -19,10 +19,10 @@ The rule (README "Development"):
 - Nothing else in the text changes.
 
 Each block must exit 0 having sent at least one request through the gateway, every one
-answered 200 (a curl block: printing a JSON body). Then it runs again against a gateway that answers every request with
-HTTP 400: it must fail and say 400, i.e. check the status (`raise_for_status()`,
-`curl --fail-with-body`, or a client that raises), rather than fail later on a missing key or
-carry on with an error body."""
+answered 200 (a curl block: printing a JSON body). Then it runs again against a gateway that
+answers every request with HTTP 400: it must fail and say 400, i.e. check the status
+(`raise_for_status()`, `curl --fail-with-body`, or a client that raises), rather than fail
+later on a missing key or carry on with an error body."""
 
 from __future__ import annotations
 
