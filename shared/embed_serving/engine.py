@@ -257,6 +257,8 @@ class Engine:
                         future.set_exception(e)
             elif batch:
                 self._run(batch)
+            # (A BaseException leaves this set: the thread ends and `_die` settles them.)
+            self._running = []
         except Exception as e:
             jobs = list(dict.fromkeys(job for job, _ in batch))
             log.exception("a micro-batch of %d requests failed outside the model", len(jobs))
@@ -267,9 +269,8 @@ class Engine:
                     status=500,
                     code="internal_error",
                 ))  # fmt: skip
-            self._failed(e)
-        finally:
             self._running = []
+            self._failed(e)
 
     def _next_batch(self) -> list[tuple[Job, int]]:
         """Take the next micro-batch off the queue (caller holds the lock)."""
