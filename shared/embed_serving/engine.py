@@ -138,7 +138,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if not self._alive():
+            if not self.healthy():
                 raise self._unavailable()
             if self._queued_tokens and (
                 self._queued_tokens + job.waiting_tokens > self.limits.max_queue_tokens
@@ -157,7 +157,7 @@ class Engine:
         """Refuse early (429) when the queue cannot take even `inputs` one-token inputs: spares
         tokenising a request that `submit` would refuse anyway."""
         with self._cond:
-            if not self._alive():
+            if not self.healthy():
                 raise self._unavailable()
             if self._queued_tokens and self._queued_tokens + inputs > self.limits.max_queue_tokens:
                 metrics.REJECTED.inc()
@@ -174,7 +174,7 @@ class Engine:
         """Run `fn` on the device thread, before the next micro-batch."""
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cond:
-            if not self._alive():
+            if not self.healthy():
                 future.set_exception(self._unavailable())
                 return future
             self._tasks.append((fn, future))
@@ -231,7 +231,7 @@ class Engine:
                 self._step()
         except BaseException as e:  # the thread ends: make it known, settle everything
             log.critical("the engine's worker thread died", exc_info=True)
-            self._die(f"its worker thread died: {type(e).__name__}: {e}")
+            self._die("its worker thread died", f"{type(e).__name__}: {e}")
 
     def _step(self) -> None:
         """One task or one micro-batch. An exception that escapes it (a bug outside the model:
@@ -406,17 +406,19 @@ class Engine:
         if self._failures >= self.limits.max_consecutive_failures:
             self._die(
                 f"{self._failures} micro-batches failed in a row (ENGINE_MAX_CONSECUTIVE_FAILURES"
-                f"={self.limits.max_consecutive_failures}), the last with "
-                f"{type(error).__name__}: {error}"
+                f"={self.limits.max_consecutive_failures})",
+                f"the last with {type(error).__name__}: {error}",
             )
 
-    def _die(self, reason: str) -> None:
+    def _die(self, reason: str, detail: str) -> None:
         """Stop for good: fail the health check, and answer every queued and running job (and
-        scoring task) 503 with Retry-After."""
+        scoring task) 503 with Retry-After. Clients get `reason`; the log also has `detail`
+        (an exception's text may hold internals)."""
         with self._cond:
             if self._dead is None:
                 self._dead = reason
-            jobs, self._jobs = self._jobs + self._running, []
+            jobs = list(dict.fromkeys(self._jobs + self._running))
+            self._jobs = []
             tasks = list(self._tasks)
             self._tasks.clear()
             for job in jobs:
@@ -425,17 +427,14 @@ class Engine:
             self._publish_queue()
             self._cond.notify_all()
         log.critical(
-            "the engine stopped: %s; the health check fails from now on so that the replica is "
-            "replaced, and %d requests get 503", reason, len(jobs),
+            "the engine stopped: %s, %s; the health check fails from now on so that the replica "
+            "is replaced, and %d requests get 503", reason, detail, len(jobs),
         )  # fmt: skip
         for job in jobs:
             _settle(job.future, error=self._unavailable())
         for _, future in tasks:
             if future.set_running_or_notify_cancel():
                 future.set_exception(self._unavailable())
-
-    def _alive(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
 
     def _unavailable(self) -> RequestError:
         reason = self._dead or "its worker thread ended"
