@@ -15,6 +15,11 @@ asyncio httpx clients in this process. Measured, each side by side in this one r
 4. Overload: a second server with a small queue (MAX_QUEUE_TOKENS), 64 clients sending
    32-passage requests as fast as they can: accepted throughput, 429s with Retry-After, and
    no 5xx (any 5xx fails the benchmark).
+5. Mixed traffic (fair queuing): a bulk request alone, then the same bulk request while
+   `QUERY_CLIENTS` clients stream single-query requests (each sends its next as soon as the
+   last is answered) until the bulk is done, twice, interleaved: the bulk's time against its
+   fair share (alone x the requests active, 1 + QUERY_CLIENTS) and the queries' p50 / p99
+   against the bulk's micro-batch time.
 
 Absolute numbers are this machine's; the ratios are what carries over.
 
@@ -286,9 +291,71 @@ def bench_overload(url: str, seconds: float, saturated: float, rows: list[str]) 
     return {"overload_vs_saturated": rate / saturated}
 
 
+QUERY_CLIENTS = 4
+
+
+def bench_mixed(url: str, bulk_n: int, rounds: int, rows: list[str]) -> dict[str, float]:
+    bulk = {"passages": passages(bulk_n, BULK_WORDS, "mixed")}
+
+    async def run(stream: bool) -> tuple[float, list[float], int]:
+        limits = httpx.Limits(max_connections=QUERY_CLIENTS + 1)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            latencies: list[float] = []
+            start = time.perf_counter()
+            task = asyncio.create_task(post(client, bulk))
+
+            async def query_loop(k: int) -> None:
+                i = 0
+                # Bounded, so that a scheduler that starves the bulk cannot hang the bench.
+                while not task.done() and time.perf_counter() - start < 600:
+                    t0 = time.perf_counter()
+                    r = await post(client, {"queries": [f"mixed query {k} {i} about x"]})
+                    assert r.status_code == 200, r.text[:300]
+                    latencies.append(time.perf_counter() - t0)
+                    i += 1
+
+            if stream:
+                await asyncio.sleep(0.3)  # the bulk request is tokenised and running
+                await asyncio.gather(*(query_loop(k) for k in range(QUERY_CLIENTS)))
+            r = await task
+            assert r.status_code == 200, r.text[:300]
+            return time.perf_counter() - start, latencies, r.json()["usage"]["total_tokens"]
+
+    alone: list[float] = []
+    mixed: list[float] = []
+    latencies: list[float] = []
+    bulk_s = bulk_passes = 0.0
+    for _ in range(rounds):  # interleaved: alone, mixed, alone, mixed
+        s0, c0 = forward_seconds(url)
+        alone.append(asyncio.run(run(False))[0])
+        s1, c1 = forward_seconds(url)
+        bulk_s, bulk_passes = bulk_s + s1 - s0, bulk_passes + c1 - c0
+        elapsed, lat, _ = asyncio.run(run(True))
+        mixed.append(elapsed)
+        latencies += lat
+    t_alone, t_mixed = statistics.median(alone), statistics.median(mixed)
+    fair = (1 + QUERY_CLIENTS) * t_alone
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    # The bulk's micro-batch time, from the server's own forward times of the runs alone.
+    batch_s = bulk_s / max(bulk_passes, 1)
+    rows += [
+        f"| 5 | {bulk_n}-passage bulk request alone, {bulk_passes / rounds:.0f} passes of "
+        f"{batch_s:.2f} s (median of {rounds}) | {t_alone:.1f} s | 1.00 |",
+        f"| 5 | the same while {QUERY_CLIENTS} clients stream single queries ({len(latencies)} "
+        f"answered) | {t_mixed:.1f} s | **{t_mixed / t_alone:.2f}x** alone; fair share "
+        f"{1 + QUERY_CLIENTS}x ({fair:.0f} s) |",
+        f"| 5 | those queries: p50 / p99 latency | {1000 * p50:.0f} / {1000 * p99:.0f} ms | "
+        f"p99 = **{p99 / batch_s:.1f}** bulk passes |",
+    ]
+    return {"mixed_vs_alone": t_mixed / t_alone, "mixed_query_p99_s": p99}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke check)")
+    parser.add_argument("--only-mixed", action="store_true", help="part 5 only")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
@@ -311,6 +378,10 @@ def main() -> None:
         try:
             server = TrussServer(PACKAGE, checkpoint, Path(tmp), env)
             servers.append(server)
+            results |= bench_mixed(server.url, 96 if args.quick else 256, 2, rows)
+            if args.only_mixed:
+                print("\n".join(rows))
+                return
             results |= bench_batching(server.url, n, rows)
             results |= bench_overhead(server.url, overhead_n, rows)
             results |= bench_bulk(server.url, bulk_n, results["query_forward_s"], rows)

@@ -1,20 +1,26 @@
 """The engine in-process, on the real embedqa backend (golden tiny checkpoint): cross-request
-batching, order, nothing lost or duplicated, fairness, back-pressure, cancellation, and
-failure isolation. Failures are injected by a wrapper around the real backend (out of memory
-above a batch size, an error for one marked input); the model itself always runs."""
+batching, order, nothing lost or duplicated, fairness, back-pressure, cancellation, failure
+isolation and health. Failures are injected by a wrapper around the real backend (out of
+memory above a batch size, an error for one marked input, a device that fails every pass, a
+result the engine cannot hand out); the model itself always runs.
+
+Fairness is measured in micro-batches and padded tokens, never in seconds: the wrapper submits
+the next request of a stream from inside each forward pass (the device thread), so the arrival
+pattern, and so the schedule, is the same on a loaded machine as on an idle one."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from embed_serving.backend import Backend, Prepared
-from embed_serving.engine import ClientGone, Engine, EngineLimits
+from embed_serving.engine import DEAD_RETRY_AFTER_S, ClientGone, Engine, EngineLimits
 from embed_serving.errors import RequestError
 from embed_serving.models.embedqa import EmbedQABackend
 from embed_serving.request import Item
@@ -34,6 +40,10 @@ class Spy(Backend):
         self.entered = threading.Event()
         self.oom_above: int | None = None
         self.poison: Prepared | None = None
+        # Called at the start of every pass with (its index, its batch), on the device thread.
+        self.on_forward: Callable[[int, list[Prepared]], None] | None = None
+        self.broken: BaseException | None = None  # raised by every pass from now on
+        self.short_output: Prepared | None = None  # its pass returns one output too few
 
     def prepare(self, items, kind, instruction):
         return self.real.prepare(items, kind, instruction)
@@ -41,11 +51,17 @@ class Spy(Backend):
     def forward(self, batch: list[Prepared]) -> list[torch.Tensor]:
         self.entered.set()
         self.gate.wait(timeout=60)
+        if self.on_forward is not None:
+            self.on_forward(len(self.batches), batch)
         self.batches.append(list(batch))
+        if self.broken is not None:
+            raise self.broken
         if self.oom_above is not None and len(batch) > self.oom_above:
             raise torch.OutOfMemoryError("injected: batch too big")
         if self.poison is not None and any(p is self.poison for p in batch):
             raise ValueError("injected failure")
+        if self.short_output is not None and any(p is self.short_output for p in batch):
+            return self.real.forward(batch)[:-1]
         return self.real.forward(batch)
 
 
@@ -226,3 +242,203 @@ def test_one_failing_request_never_touches_the_others(spy, real, make_engine) ->
 def test_scoring_runs_on_the_device_thread(make_engine) -> None:
     engine = make_engine()
     assert engine.call(lambda: threading.current_thread().name).result(timeout=10) == "engine"
+
+
+def padded(batch: list[Prepared]) -> int:
+    """A pass's cost: rows x the longest row."""
+    return len(batch) * max(len(p.input_ids) for p in batch)
+
+
+def index_of(batches: list[list[Prepared]], inputs: list[Prepared]) -> list[int]:
+    """The passes that ran any of `inputs`."""
+    return [k for k, b in enumerate(batches) if any(p is q for p in b for q in inputs)]
+
+
+def test_bulk_keeps_its_fair_share_while_queries_stream(spy, real, make_engine) -> None:
+    """One new single-query request arrives during every pass (a closed stream, so at most a
+    couple of requests wait beside the bulk one). Fair queuing by tokens gives the bulk request
+    half of the device: it finishes within 2 x (its own tokens + one batch) of work, the README
+    bound for two active requests, long before the stream ends; and every query still runs in
+    the pass after the one in flight, or one bulk pass later (in batches, not seconds)."""
+    budget = 128
+    engine = make_engine(batch_max_tokens=budget)
+    alone_inputs = prepare(real, texts(10, words=10, tag="alone"))
+    engine.submit(alone_inputs).future.result(timeout=60)
+    alone = sum(padded(b) for b in spy.batches)  # the bulk's cost on an idle device
+    spy.batches.clear()
+
+    stream = [prepare(real, [f"what is the query number {k} of region {k % 7}"], "query")
+              for k in range(160)]  # fmt: skip
+    queries: list = []
+    arrived: list[int] = []
+
+    def next_query(index: int, batch: list[Prepared]) -> None:
+        if len(queries) < len(stream):
+            arrived.append(index)
+            queries.append(engine.submit(stream[len(queries)]))
+
+    spy.on_forward = next_query
+    bulk_inputs = prepare(real, texts(10, words=10, tag="bulk"))
+    bulk = engine.submit(bulk_inputs)
+    bulk.future.result(timeout=120)
+    for job in queries:
+        job.future.result(timeout=120)
+    spy.on_forward = None
+
+    bulk_passes = index_of(spy.batches, bulk_inputs)
+    work = sum(padded(b) for b in spy.batches[: bulk_passes[-1] + 1])
+    stream_tokens = sum(padded(b) for b in spy.batches) - sum(
+        padded(spy.batches[k]) for k in bulk_passes
+    )
+    # The test can fail: the stream alone is more work than the bound (served first, as by
+    # "fewest batches served first", the bulk request would end after it).
+    assert stream_tokens > 2 * (alone + budget)
+    assert work <= 2 * (alone + budget), (work, alone)
+    assert bulk_passes[-1] < index_of(spy.batches, stream[-1])[0]
+    # Queries: the pass in flight when they arrived, at most one more, then their own.
+    waits = [index_of(spy.batches, q)[0] - a for q, a in zip(stream, arrived, strict=True)]
+    assert max(waits) <= 2, waits
+    # Nothing of the bulk request rode in a query's pass: a query's pass stays short.
+    for k in range(len(spy.batches)):
+        if k not in bulk_passes:
+            assert padded(spy.batches[k]) <= 2 * max(len(q[0].input_ids) for q in stream)
+
+
+def test_two_bulk_requests_share_the_device(spy, real, make_engine) -> None:
+    """A bulk request arriving while another runs is served in turn with it, not after it: the
+    first one's remaining passes and the second's interleave."""
+    engine = make_engine(batch_max_tokens=128)
+    first_inputs = prepare(real, texts(12, words=10, tag="first"))
+    second_inputs = prepare(real, texts(12, words=10, tag="second"))
+    second: list = []
+
+    def arrive(index: int, batch: list[Prepared]) -> None:
+        if index == 1:
+            second.append(engine.submit(second_inputs))
+
+    spy.on_forward = arrive
+    first = engine.submit(first_inputs)
+    first.future.result(timeout=120)
+    second[0].future.result(timeout=120)
+    spy.on_forward = None
+    a, b = index_of(spy.batches, first_inputs), index_of(spy.batches, second_inputs)
+    # The second started right after the pass in flight when it arrived ...
+    assert b[0] == 2
+    # ... and neither waited for the other to finish: from then on, until one of them is
+    # done, each gets a pass at least every other pass.
+    assert b[0] < a[-1] and a[-1] < b[-1]
+    end = min(a[-1], b[-1])
+    for passes in (a, b):
+        during = [1] + [k for k in passes if 2 <= k <= end]
+        assert max(j - i for i, j in itertools.pairwise(during)) <= 2, (a, b)
+
+
+def test_an_error_outside_the_forward_fails_its_batch_with_500_and_the_engine_goes_on(
+    spy, real, make_engine
+) -> None:
+    """A pass whose results cannot be handed out (one output short): its requests get a 500
+    naming no internals, the engine stays healthy and serves the next request correctly."""
+    engine = make_engine()
+    doomed_inputs = prepare(real, texts(3, tag="doomed"))
+    spy.short_output = doomed_inputs[0]
+    spy.gate.clear()
+    holder = engine.submit(prepare(real, ["holding the device"]))
+    spy.entered.wait(timeout=60)
+    doomed = engine.submit(doomed_inputs)
+    spy.gate.set()
+    assert len(holder.future.result(timeout=60)) == 1
+    with pytest.raises(RequestError) as failed:
+        doomed.future.result(timeout=60)
+    assert failed.value.status == 500
+    assert "internal error" in failed.value.message
+    assert engine.healthy()
+    after = prepare(real, texts(2, tag="after"))
+    for got, want in zip(engine.submit(after).future.result(timeout=60), alone(real, after),
+                         strict=True):  # fmt: skip
+        assert torch.allclose(got, want, atol=1e-5)
+    assert engine.queue_depth() == (0, 0)
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: nothing in the loop may swallow it, so the worker thread ends."""
+
+
+def test_a_dead_worker_thread_fails_health_and_answers_503(spy, real, make_engine) -> None:
+    engine = make_engine(disconnect_poll_s=0.01)
+    spy.gate.clear()
+    running = engine.submit(prepare(real, ["on the device when it dies"]))
+    spy.entered.wait(timeout=60)
+    queued = engine.submit(prepare(real, texts(4, tag="queued")))
+    spy.broken = WorkerKilled()
+    spy.gate.set()
+    for job in (running, queued):
+        with pytest.raises(RequestError) as refused:
+            job.future.result(timeout=60)
+        assert refused.value.status == 503
+        assert refused.value.headers == {"Retry-After": str(DEAD_RETRY_AFTER_S)}
+    engine._thread.join(timeout=10)
+    assert not engine._thread.is_alive()
+    assert not engine.healthy()
+    # New work is refused at once, and so is a request waiting through `embed`.
+    with pytest.raises(RequestError) as refused:
+        engine.submit(prepare(real, ["new"]))
+    assert refused.value.status == 503
+    with pytest.raises(RequestError) as refused:
+        engine.check_room(1)
+    assert refused.value.status == 503
+    with pytest.raises(RequestError):
+        engine.call(lambda: 1).result(timeout=10)
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(engine.embed(prepare(real, ["new"])))
+    assert refused.value.status == 503
+    assert engine.queue_depth() == (0, 0)
+
+
+def test_a_device_that_fails_every_pass_stops_the_engine(spy, real, make_engine) -> None:
+    """A sticky device error (every pass fails from some point on): after
+    max_consecutive_failures passes in a row the engine stops; the requests whose own pass
+    failed got that error (500), every other one a 503 with Retry-After; none hangs."""
+    engine = make_engine(max_consecutive_failures=3)
+    assert len(engine.submit(prepare(real, ["fine"])).future.result(timeout=60)) == 1
+    spy.gate.clear()
+    holder = engine.submit(prepare(real, ["holding the device"]))
+    spy.entered.wait(timeout=60)
+    jobs = [holder] + [engine.submit(prepare(real, texts(2, tag=f"r{k}x"))) for k in range(6)]
+    spy.broken = RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+    spy.gate.set()
+    statuses = []
+    for job in jobs:
+        try:
+            job.future.result(timeout=60)
+            statuses.append(200)
+        except RequestError as e:
+            assert e.status == 503 and e.headers == {"Retry-After": str(DEAD_RETRY_AFTER_S)}
+            assert "3 micro-batches failed in a row" in e.message
+            statuses.append(503)
+        except RuntimeError as e:
+            assert "illegal memory access" in str(e)
+            statuses.append(500)
+    # 3 failed passes: the holder's, then the six queued requests' shared pass and the first
+    # of them re-run alone; everyone else is told to go elsewhere.
+    assert statuses.count(500) <= 2 and statuses.count(503) >= 5, statuses
+    assert 200 not in statuses
+    assert len(spy.batches) == 1 + 3
+    assert not engine.healthy()
+    with pytest.raises(RequestError) as refused:
+        engine.submit(prepare(real, ["new"]))
+    assert refused.value.status == 503
+    engine._thread.join(timeout=10)
+    assert not engine._thread.is_alive()
+
+
+def test_failures_with_successes_between_keep_the_engine_healthy(spy, real, make_engine) -> None:
+    """Only failures in a row count: bad requests that fail their own passes, with good ones
+    between, never stop the engine."""
+    engine = make_engine(max_consecutive_failures=2)
+    for k in range(4):
+        bad_inputs = prepare(real, [f"bad {k}"])
+        spy.poison = bad_inputs[0]
+        with pytest.raises(ValueError, match="injected"):
+            engine.submit(bad_inputs).future.result(timeout=60)
+        assert len(engine.submit(prepare(real, [f"good {k}"])).future.result(timeout=60)) == 1
+    assert engine.healthy()

@@ -1,18 +1,24 @@
 """The engine through the real Truss server: a full queue answers 429 with `Retry-After` (and
 never a 5xx) while admitted requests stay correct, real clients retry it, a client that hangs
-up has its queued inputs dropped, and the metrics appear on Truss's `/metrics`."""
+up has its queued inputs dropped, the metrics appear on Truss's `/metrics`, and a broken
+device fails the health check (readiness 503) with 503s, never hangs, for the requests."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import yaml
 from conftest import assert_close
+
+from tools.local_server import ROOT
 
 PACKAGE = "embedqa-1b-v2"
 
@@ -134,3 +140,85 @@ def test_tokenising_a_huge_text_does_not_block_other_requests(small_queue) -> No
     finished.append("others")
     thread.join()
     assert finished == ["others", "big"]
+
+
+# The embedqa package with its real backend wrapped: the text "break the device" makes every
+# later forward pass fail, as a sticky CUDA error does, after a short delay so that requests
+# are queued when the engine gives up.
+BREAKABLE_MODEL = """
+import threading
+import time
+from pathlib import Path
+
+from embed_serving.models.embedqa import EmbedQABackend
+from embed_serving.service import EmbeddingService
+from embed_serving.settings import Settings
+from embed_serving.truss_model import TrussModel
+
+BROKEN = threading.Event()
+
+
+class BreakableBackend(EmbedQABackend):
+    def prepare(self, items, kind, instruction):
+        if any(item.text == "break the device" for item in items):
+            BROKEN.set()
+        return super().prepare(items, kind, instruction)
+
+    def forward(self, batch):
+        if BROKEN.is_set():
+            time.sleep(0.3)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+        return super().forward(batch)
+
+
+class Model(TrussModel):
+    def create_service(self, checkpoint_dir: Path) -> EmbeddingService:
+        backend = BreakableBackend(checkpoint_dir)
+        limits = {kind: ("MAX_INPUT_TOKENS", 8192) for kind in ("query", "passage")}
+        return EmbeddingService(backend, Settings.from_env(limits, backend.max_positions))
+"""
+
+
+def test_a_broken_device_fails_readiness_and_requests_get_503(golden, start_server, tmp_path):
+    package = tmp_path / "breakable"
+    shutil.copytree(ROOT / PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    config = yaml.safe_load((package / "config.yaml").read_text())
+    config["external_package_dirs"] = [str(ROOT / "shared")]
+    (package / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (package / "model" / "model.py").write_text(BREAKABLE_MODEL)
+    server = start_server(
+        str(package), golden / PACKAGE / "checkpoint", ENGINE_MAX_CONSECUTIVE_FAILURES="3"
+    )
+    ready = f"{server.url}/v1/models/model"
+    assert httpx.get(ready, timeout=30).status_code == 200
+    assert server.predict({"queries": ["fine"]}).status_code == 200
+
+    def send(k: int) -> httpx.Response:
+        text = "break the device" if k == 0 else f"request {k}"
+        time.sleep(0.1 * (k > 0))  # the breaking request first, the others queue behind it
+        return httpx.post(
+            f"{server.url}/v1/models/model:predict", json={"passages": [text]}, timeout=60
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(send, range(8)))
+    statuses = [r.status_code for r in responses]
+    # At most 3 requests see the device's own error (a pass of theirs was one of the 3 failed
+    # in a row); all the others are told to retry elsewhere.
+    assert set(statuses) <= {500, 503}, statuses
+    assert statuses.count(500) <= 3 and statuses.count(503) >= 5, statuses
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["Retry-After"] == "10"
+            assert "engine has stopped" in r.json()["error"]
+
+    # The health check fails, so the platform replaces the replica; new requests get 503 too,
+    # on both routes, at once.
+    assert httpx.get(ready, timeout=30).status_code == 503
+    late = server.predict({"queries": ["after"]})
+    assert late.status_code == 503 and late.headers["Retry-After"] == "10"
+    late = server.embeddings({"input": ["after"], "input_type": "query"})
+    assert late.status_code == 503 and late.headers["Retry-After"] == "10"
+    assert late.json()["error"]["type"] == "service_unavailable"
+    log = Path(server.log_path).read_text()
+    assert log.count("the engine stopped") == 1, log[-3000:]

@@ -61,6 +61,7 @@ class EmbeddingService:
                 batch_max_items=settings.batch_max_items,
                 batch_max_tokens=settings.batch_max_tokens,
                 max_queue_tokens=settings.max_queue_tokens,
+                max_consecutive_failures=settings.max_consecutive_failures,
             ),
         )
         # Tokenising, tiling and encoding big responses: bounded, and off the event loop.
@@ -77,6 +78,10 @@ class EmbeddingService:
                     f"setting IMAGE_MEMORY_BUDGET_BYTES={images.memory_budget_bytes} is below one "
                     f"image's worst case, {one} (IMAGE_MAX_BYTES + its tiles)"
                 )
+
+    def healthy(self) -> bool:
+        """False once the engine has stopped for good (see `Engine.healthy`)."""
+        return self.engine.healthy()
 
     def close(self) -> None:
         self.engine.close()

@@ -80,6 +80,8 @@ class Settings:
     batch_max_tokens: int = 32768  # BATCH_MAX_TOKENS: padded tokens per forward pass
     max_top_k: int = 1000
     max_queue_tokens: int = 1_048_576  # MAX_QUEUE_TOKENS: waiting tokens (429 past it)
+    # ENGINE_MAX_CONSECUTIVE_FAILURES: failed forward passes in a row that stop the engine.
+    max_consecutive_failures: int = 5
     prepare_threads: int = 2  # PREPARE_THREADS: tokenising / tiling / encoding threads
     # MAX_REQUEST_BYTES: the body, after decompression, checked before it is all read.
     max_request_bytes: int = 64 << 20
@@ -122,6 +124,7 @@ class Settings:
             batch_max_tokens=_env_int("BATCH_MAX_TOKENS", batch_max_tokens),
             max_top_k=_env_int("MAX_TOP_K", 1000, maximum=1 << 20),
             max_queue_tokens=_env_int("MAX_QUEUE_TOKENS", 1_048_576),
+            max_consecutive_failures=_env_int("ENGINE_MAX_CONSECUTIVE_FAILURES", 5, maximum=1000),
             prepare_threads=_env_int("PREPARE_THREADS", 2, maximum=256),
             max_request_bytes=(max_request := _env_int("MAX_REQUEST_BYTES", 64 << 20, 1024)),
             max_inflight_bytes=_env_int("MAX_INFLIGHT_BYTES", 4 * max_request, max_request),

@@ -46,6 +46,13 @@ class TrussModel:
             self._lazy_data_resolver.block_until_download_complete()
         self._service = self.create_service(resolve_checkpoint_dir(self._config, self._secrets))
 
+    def is_healthy(self) -> bool:
+        """Truss's health check (its readiness route, `GET /v1/models/model`, answers 503 while
+        this is false; Baseten restarts a replica that keeps failing it). Called only after
+        `load()` has finished. False once the engine has stopped: its worker thread ended, or
+        the device failed ENGINE_MAX_CONSECUTIVE_FAILURES passes in a row."""
+        return self._service is not None and self._service.healthy()
+
     async def predict(self, request: Request) -> Response:
         return await self._handle("predict", request)
 
