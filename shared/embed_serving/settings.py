@@ -90,6 +90,11 @@ class Settings:
     # INPUT_CHARS_PER_TOKEN: characters an input may have per token of its limit; checked
     # before tokenising, so a 20 MB string costs a length check, not 30 s of tokeniser time.
     chars_per_token: int = 16
+    # REQUEST_BODY_TIMEOUT_S: the longest wait for the next piece of a request body (408).
+    body_timeout_s: float = 30.0
+    # CONNECTION_IDLE_TIMEOUT_S: a connection that sends no complete request head in this time
+    # (from its opening or its previous response) is closed.
+    idle_timeout_s: float = 20.0
     default_input_type: str = "query"  # DEFAULT_INPUT_TYPE: query / passage / required
     images: ImageLimits = field(default_factory=ImageLimits)
 
@@ -127,6 +132,8 @@ class Settings:
             max_inflight_bytes=_env_int("MAX_INFLIGHT_BYTES", 4 * max_request, max_request),
             max_response_bytes=_env_int("MAX_RESPONSE_BYTES", 256 << 20, minimum=1024),
             chars_per_token=_env_int("INPUT_CHARS_PER_TOKEN", 16, maximum=1 << 20),
+            body_timeout_s=_env_float("REQUEST_BODY_TIMEOUT_S", 30.0, maximum=3600),
+            idle_timeout_s=_env_float("CONNECTION_IDLE_TIMEOUT_S", 20.0, maximum=3600),
             default_input_type=_env_choice("DEFAULT_INPUT_TYPE", "query", DEFAULT_INPUT_TYPES),
             images=ImageLimits(
                 max_bytes=_env_int("IMAGE_MAX_BYTES", ImageLimits.max_bytes),
@@ -158,9 +165,10 @@ class Settings:
 TOKEN_LIMIT_SETTINGS = ("MAX_INPUT_TOKENS", "MAX_QUERY_TOKENS", "MAX_PASSAGE_TOKENS")
 
 
-def check_env() -> None:
+def check_env() -> Settings:
     """Validate every setting in the environment, before any weight is read: a typo must fail
-    the deployment in a second, not after a full load (which Truss then retries)."""
-    Settings.from_env(
+    the deployment in a second, not after a full load (which Truss then retries). Returns the
+    settings that do not depend on the checkpoint (token limits there are placeholders)."""
+    return Settings.from_env(
         {name: (name, 1) for name in TOKEN_LIMIT_SETTINGS}, model_max_tokens=1 << 30
     )
