@@ -264,6 +264,7 @@ class EmbeddingService:
                 f"kept until the response, downloads in flight), the limit is "
                 f"IMAGE_MEMORY_BUDGET_BYTES={budget.total}; send fewer images per request",
                 status=413,
+                param=field,
             )
         # Waits (first come, first served) while other requests hold the budget; a client that
         # hangs up meanwhile leaves the line.
@@ -298,7 +299,8 @@ class EmbeddingService:
                 executor=self._pool,
             )
         except ImageInputError as e:
-            raise RequestError(f"{self._label(field, indices[e.index])}: {e.reason}") from None
+            label = self._label(field, indices[e.index])
+            raise RequestError(f"{label}: {e.reason}", param=label) from None
         for i, pixels in zip(indices, tiles, strict=True):
             items[i].pixel_values = pixels
 
