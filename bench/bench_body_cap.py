@@ -94,8 +94,8 @@ def main() -> None:
         server = TrussServer("embedqa-1b-v2", checkpoint, Path(tmp), {})
         try:
             proc = psutil.Process(server.proc.pid)
-            print(f"| body | run | status | time to answer (s) | MB written | RSS before (MB) "
-                  f"| peak (MB) | 2 s after (MB) |")  # fmt: skip
+            print("| body | run | status | time to answer (s) | MB written | RSS before (MB) "
+                  "| peak (MB) | 2 s after (MB) |")  # fmt: skip
             print("|---|---|---|---|---|---|---|---|")
             for run in range(args.repeat):
                 for chunked in (False, True):
