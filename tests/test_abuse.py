@@ -326,6 +326,61 @@ def test_bad_settings_fail_before_loading(monkeypatch, name: str, value: str) ->
         check_env()
 
 
+SETTING_NAMES = [
+    "MAX_INPUT_TOKENS", "MAX_QUERY_TOKENS", "MAX_PASSAGE_TOKENS", "MAX_ITEMS_PER_REQUEST",
+    "BATCH_MAX_ITEMS", "BATCH_MAX_TOKENS", "MAX_TOP_K", "MAX_QUEUE_TOKENS", "PREPARE_THREADS",
+    "MAX_REQUEST_BYTES", "MAX_INFLIGHT_BYTES", "MAX_RESPONSE_BYTES", "INPUT_CHARS_PER_TOKEN",
+    "REQUEST_BODY_TIMEOUT_S", "CONNECTION_IDLE_TIMEOUT_S", "DEFAULT_INPUT_TYPE",
+    "IMAGE_MAX_BYTES", "IMAGE_MAX_PIXELS", "IMAGE_FETCH_TIMEOUT_S", "IMAGE_MAX_REDIRECTS",
+    "IMAGE_ALLOW_PRIVATE_URLS", "IMAGE_FETCH_CONCURRENCY", "IMAGE_FETCH_DEADLINE_S",
+    "IMAGE_DECODE_BUDGET_PIXELS", "IMAGE_MEMORY_BUDGET_BYTES",
+]  # fmt: skip
+_setting_values = st.one_of(
+    st.integers(-(2**70), 2**70).map(str),
+    st.floats().map(str),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12),
+    st.sampled_from(["", " ", "1_000", "0", "-0", "1e3", "0x10", "true", "off", "nan", "inf",
+                     "4294967297", str(1 << 50), "9" * 5000, "\u0661\u0662", "query"]),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("MAX_REQUEST_BYTES", str(1 << 50)), ("MAX_INFLIGHT_BYTES", str(1 << 40)),
+     ("IMAGE_DECODE_BUDGET_PIXELS", "1000"), ("IMAGE_MEMORY_BUDGET_BYTES", "2000000"),
+     ("INPUT_CHARS_PER_TOKEN", "1000000"), ("REQUEST_BODY_TIMEOUT_S", "0"),
+     ("CONNECTION_IDLE_TIMEOUT_S", "nan")],
+)  # fmt: skip
+def test_caps_that_remove_the_cap_are_refused(monkeypatch, name: str, value: str) -> None:
+    from embed_serving.settings import SettingError, check_env
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingError, match=name):
+        check_env()
+
+
+@settings(max_examples=400, deadline=None)
+@given(env=st.dictionaries(st.sampled_from(SETTING_NAMES), _setting_values, max_size=4))
+def test_fuzz_settings(env: dict[str, str]) -> None:
+    # check_env either accepts the environment or raises SettingError naming a variable set.
+    import os
+
+    from embed_serving.settings import SettingError, check_env
+
+    saved = {name: os.environ.pop(name, None) for name in SETTING_NAMES}
+    try:
+        os.environ.update(env)
+        try:
+            check_env()
+        except SettingError as e:
+            assert any(name in str(e) for name in env), (env, str(e))
+    finally:
+        for name in SETTING_NAMES:
+            os.environ.pop(name, None)
+            if saved[name] is not None:
+                os.environ[name] = saved[name]
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4)
