@@ -39,7 +39,13 @@ PAGES = {"/page1.png": page_png(600, 800, 1), "/page2.png": page_png(900, 400, 2
 
 
 class _Handler(BaseHTTPRequestHandler):
+    slow_fetches = 0  # fetches of /slow/... started
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.startswith("/slow/"):
+            type(self).slow_fetches += 1
+            time.sleep(1)
+            self.path = "/page1.png"
         body = PAGES.get(self.path)
         if self.path == "/notimage":
             body, ctype = b"<html>hello</html>", "text/html"
@@ -233,3 +239,24 @@ def test_response_cap_from_characters_before_tokenising(small_response) -> None:
     assert ok.status_code == 200, ok.text[:300]
     r = small_response.predict({"passages": ["a b c d " * 150] * 30})
     assert r.status_code == 413 and "at least" not in r.json()["error"], r.text[:300]
+
+
+def test_client_that_hangs_up_stops_its_fetches(server, images) -> None:
+    # 64 pages that take 1 s each, 8 at a time (IMAGE_FETCH_CONCURRENCY): 8 s of fetching.
+    # The client leaves after 1.5 s; once the fetches in flight then have finished, no new
+    # one may start.
+    import httpx
+
+    _Handler.slow_fetches = 0
+    passages = [{"type": "image", "url": f"{images}/slow/{i}.png"} for i in range(64)]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{server.url}/v1/models/model:predict", json={"passages": passages}, timeout=1.5
+        )
+    time.sleep(1.5)
+    settled = _Handler.slow_fetches
+    time.sleep(3)
+    assert _Handler.slow_fetches == settled, (settled, _Handler.slow_fetches)
+    assert settled <= 32, settled
+    r = server.predict({"passages": [{"type": "image", "url": f"{images}/page1.png"}]})
+    assert r.status_code == 200, r.text[:300]

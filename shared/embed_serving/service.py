@@ -30,7 +30,7 @@ from embed_serving.encoding import (
 )
 from embed_serving.engine import ClientGone, Engine, EngineLimits
 from embed_serving.errors import RequestError
-from embed_serving.images import ImageInputError, ImageSource, process_images
+from embed_serving.images import ImageInputError, ImagesAbandoned, ImageSource, process_images
 from embed_serving.request import EmbedRequest, Item, Kind, parse_embeddings, parse_predict
 from embed_serving.settings import Settings
 
@@ -175,7 +175,7 @@ class EmbeddingService:
         self, req: EmbedRequest, labels: dict[str, str], disconnected: Disconnected | None
     ) -> dict[str, Embedded]:
         self.engine.check_room(len(req.queries) + len(req.passages))
-        await self._load_images(req.passages, labels["passage"])
+        await self._load_images(req.passages, labels["passage"], disconnected)
         chars = sum(len(item.text or "") for item in req.queries + req.passages)
         if chars <= INLINE_TEXT_CHARS and not any(i.image for i in req.passages):
             prepared = self._prepare(req, labels)
@@ -303,7 +303,9 @@ class EmbeddingService:
                 budget.release(need)
             raise
 
-    async def _load_images(self, items: list[Item], field: str) -> None:
+    async def _load_images(
+        self, items: list[Item], field: str, disconnected: Disconnected | None
+    ) -> None:
         """Fetch, decode and tile each image (one at a time per slot, in the prepare pool):
         only the tiles are kept, the bitmap is dropped as soon as it is tiled."""
         indices = [i for i, item in enumerate(items) if item.image is not None]
@@ -316,7 +318,10 @@ class EmbeddingService:
                 self.backend.tile_image,
                 pixels=self._image_pixels,
                 executor=self._pool,
+                disconnected=disconnected,
             )
+        except ImagesAbandoned:
+            raise RequestError("the client disconnected", status=499) from None
         except ImageInputError as e:
             label = self._label(field, indices[e.index])
             raise RequestError(f"{label}: {e.reason}", param=label) from None
