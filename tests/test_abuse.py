@@ -134,8 +134,9 @@ def test_declared_oversized_body_refused_before_reading(small, reference, path) 
     with _connect(small) as sock:
         start = time.monotonic()
         sock.sendall(_head(path, "Content-Length: 300000000"))
-        status, _, body = _response(sock)
+        status, headers, body = _response(sock)
         assert status == 413 and time.monotonic() - start < 5
+        assert "x-baseten-error-code" in headers, headers  # as Truss marks a model's errors
     error = json.loads(body)["error"]
     if path == "/v1/embeddings":
         assert error["code"] == "request_too_large" and error["param"] is None, error

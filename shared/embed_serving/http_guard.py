@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -123,7 +124,13 @@ class BodyGuard:
                 log_refusal(route, e, headers.get("x-baseten-request-id", "-"))
                 big = sum(len(c) for c in chunks) > memory.TRIM_AFTER_BYTES
                 chunks.clear()
-                await error_response(e, route)(scope, receive, send)
+                response = error_response(e, route)
+                # The headers Truss puts on a model's own error responses (Baseten's proxy
+                # tells a client error from a platform one by them), where Truss is loaded.
+                truss_errors = sys.modules.get("_truss_common.errors")
+                if truss_errors is not None:
+                    truss_errors.add_error_headers_to_user_response(response)
+                await response(scope, receive, send)
                 if big:  # what was read of a refused body goes back to the system too
                     await asyncio.to_thread(memory.release_memory)
                 return
