@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,7 +39,13 @@ PAGES = {"/page1.png": page_png(600, 800, 1), "/page2.png": page_png(900, 400, 2
 
 
 class _Handler(BaseHTTPRequestHandler):
+    slow_fetches = 0  # fetches of /slow/... started
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path.startswith("/slow/"):
+            type(self).slow_fetches += 1
+            time.sleep(1)
+            self.path = "/page1.png"
         body = PAGES.get(self.path)
         if self.path == "/notimage":
             body, ctype = b"<html>hello</html>", "text/html"
@@ -203,3 +210,53 @@ def test_tiny_checkpoint_is_deterministic(tmp_path: Path) -> None:
     write_tiny_checkpoint(tmp_path / "b", seed=5)
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def small_response(tmp_path_factory, start_server):
+    checkpoint = tmp_path_factory.mktemp("colembed-small") / "ck"
+    write_tiny_checkpoint(checkpoint, seed=0)
+    return start_server(PACKAGE, checkpoint, MAX_RESPONSE_BYTES="4000000")
+
+
+def test_response_cap_from_characters_before_tokenising(small_response) -> None:
+    # The case at 1/4 scale: 64 passages of 163,840 characters, truncate END. Each is
+    # counted at least 163,840 / 16 characters = 10,240 tokens (its limit), so the multi-vector
+    # answer cannot fit in 4 MB: a 413 from the character estimate ("at least"), before any
+    # tokeniser pass.
+    text = ("photosynthesis " * 11000)[:163840]
+    start = time.monotonic()
+    r = small_response.predict({"passages": [text] * 64, "truncate": "END"})
+    elapsed = time.monotonic() - start
+    assert r.status_code == 413, r.text[:300]
+    message = r.json()["error"]
+    assert "at least" in message and "MAX_RESPONSE_BYTES" in message, message
+    # Tokenising 10 MB of text alone takes seconds on this CPU; the refusal is a length check.
+    assert elapsed < 5, elapsed
+    # Under the estimate, the exact count after tokenising still applies: 30 short passages
+    # of ~6 tokens each fit, 30 passages of ~600 tokens do not (and are not "at least").
+    ok = small_response.predict({"passages": ["photosynthesis"] * 30})
+    assert ok.status_code == 200, ok.text[:300]
+    r = small_response.predict({"passages": ["a b c d " * 150] * 30})
+    assert r.status_code == 413 and "at least" not in r.json()["error"], r.text[:300]
+
+
+def test_client_that_hangs_up_stops_its_fetches(server, images) -> None:
+    # 64 pages that take 1 s each, 8 at a time (IMAGE_FETCH_CONCURRENCY): 8 s of fetching.
+    # The client leaves after 1.5 s; once the fetches in flight then have finished, no new
+    # one may start.
+    import httpx
+
+    _Handler.slow_fetches = 0
+    passages = [{"type": "image", "url": f"{images}/slow/{i}.png"} for i in range(64)]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(
+            f"{server.url}/v1/models/model:predict", json={"passages": passages}, timeout=1.5
+        )
+    time.sleep(1.5)
+    settled = _Handler.slow_fetches
+    time.sleep(3)
+    assert _Handler.slow_fetches == settled, (settled, _Handler.slow_fetches)
+    assert settled <= 32, settled
+    r = server.predict({"passages": [{"type": "image", "url": f"{images}/page1.png"}]})
+    assert r.status_code == 200, r.text[:300]

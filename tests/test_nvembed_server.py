@@ -95,3 +95,19 @@ def test_bad_input(server, cases, body, words) -> None:
     q = group(cases, "query", 512)
     ok = server.predict({"queries": q["texts"][:1]}).json()
     assert_close(ok["query_embeddings"], q["embeddings"][:1], cases["atol"])
+
+
+def test_instruction_merging_into_the_text_is_not_an_error(server) -> None:
+    # The tiny tokenizer makes "Instruct: Phot" + "osynthesis" into <s> Instruct: Photosynthesis
+    # </s>: the instruction alone counts 4 tokens, the whole row 4. NVIDIA's recipe would pool
+    # nothing (NaN); the row's </s> is pooled instead, and the answer depends on the text.
+    body = {"queries": ["osynthesis"], "instruction": "Instruct: Phot"}
+    r = server.predict(body)
+    assert r.status_code == 200, r.text
+    vector = np.asarray(r.json()["query_embeddings"][0])
+    assert np.isfinite(vector).all() and abs(np.linalg.norm(vector) - 1) < 1e-3
+    other = server.predict({**body, "queries": ["osynthesis of light"]})
+    assert other.status_code == 200, other.text
+    assert not np.allclose(vector, other.json()["query_embeddings"][0], atol=1e-3)
+    for route_body in ({**body, "truncate": "START"}, {**body, "queries": ["osynthesis"] * 3}):
+        assert server.predict(route_body).status_code == 200

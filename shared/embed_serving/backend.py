@@ -41,12 +41,14 @@ def truncate_prepared(p: Prepared, limit: int, mode: str, label: str, setting: s
     if mode == "NONE":
         raise RequestError(
             f"{label} has {n} tokens, the limit is {limit} ({setting}); "
-            "shorten it or send `truncate: END` or `START`"
+            "shorten it or send `truncate: END` or `START`",
+            param=label,
         )
     if p.protected >= limit:
         raise RequestError(
             f"{label} needs {p.protected} tokens before any text (prefix/instruction/image), "
-            f"the limit is {limit} ({setting})"
+            f"the limit is {limit} ({setting})",
+            param=label,
         )
     if mode == "END":
         ids = p.input_ids[:limit]

@@ -2,8 +2,8 @@
 
 The routes take the starlette `Request` alone, which makes Truss skip its own body parsing
 (`json.loads`, which answers invalid UTF-8, deep nesting or a gzip body with a 500); we read the
-body ourselves, refusing it past `MAX_REQUEST_BYTES` before it is all in memory (from
-`Content-Length` when the client sends one, else while streaming), decompress gzip/deflate
+body ourselves, refusing it past `MAX_REQUEST_BYTES` (on the wire, `http_guard` has already
+refused it before reading; this is the check where no guard runs), decompress gzip/deflate
 within the same cap (a 100 kB gzip bomb can inflate to gigabytes), and parse with orjson, which
 is strict (lone surrogates, invalid UTF-8, NaN, nesting past 1024 levels are errors it names)
 and several times faster on large bodies.
@@ -23,7 +23,7 @@ from embed_serving.errors import RequestError, printable
 _DECODERS = {"gzip": 31, "x-gzip": 31, "deflate": 15}
 
 
-def _too_big(size: str, limit: int) -> RequestError:
+def too_big(size: str, limit: int) -> RequestError:
     return RequestError(
         f"the request body is {size} bytes, the limit is {limit} (MAX_REQUEST_BYTES); "
         "send fewer inputs per request",
@@ -36,7 +36,7 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], max_bytes: int) 
     """The decoded body, at most `max_bytes` long (`headers`: the request's headers)."""
     declared = headers.get("content-length", "").strip()
     if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_big(declared, max_bytes)
+        raise too_big(declared, max_bytes)
     encoding = headers.get("content-encoding", "").strip().lower()
     if encoding in ("", "identity"):
         decoder = None
@@ -55,7 +55,7 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], max_bytes: int) 
         async for chunk in stream:
             wire += len(chunk)
             if wire > max_bytes:
-                raise _too_big(f"over {max_bytes}", max_bytes)
+                raise too_big(f"over {max_bytes}", max_bytes)
             if decoder is None:
                 body += chunk
                 continue
@@ -64,7 +64,7 @@ async def read_body(headers: Any, stream: AsyncIterator[bytes], max_bytes: int) 
                 # max_length: never inflate more than the cap allows, whatever the ratio.
                 body += decoder.decompress(pending, max_bytes + 1 - len(body))
                 if len(body) > max_bytes:
-                    raise _too_big(f"over {max_bytes} (decompressed)", max_bytes)
+                    raise too_big(f"over {max_bytes} (decompressed)", max_bytes)
                 pending = decoder.unconsumed_tail
         if decoder is not None:
             body += decoder.flush()

@@ -13,7 +13,6 @@ and shows nothing but the status code otherwise.
 
 from __future__ import annotations
 
-import re
 import reprlib
 from typing import Any, Literal
 
@@ -31,15 +30,13 @@ _ERROR_TYPES = {
     499: "client_closed_request",
     503: "service_unavailable",
 }
-# The field a message names first (`dimensions` must..., input[3] has..., passages[2].url ...).
-_LEADING_FIELD = re.compile(r"^`?([A-Za-z_]+(?:\[\d+\])?(?:\.[A-Za-z_]+)?)`?[ :]")
 
 
 class RequestError(ValueError):
     """A bad request. The message names the field, the item index and the limit.
 
     `status` is the HTTP status (400 unless a cap says 413/415/429), `param` the request field
-    at fault where there is one (derived from the message when not given), `code` a stable
+    at fault where there is one (None for the body as a whole, a cap or the server), `code` a stable
     machine-readable reason, `headers` extra response headers (`Retry-After` on 429).
     """
 
@@ -90,14 +87,11 @@ def error_body(error: RequestError, route: Route) -> dict[str, Any]:
     message = printable(error.message)
     if route == "predict":
         return {"error": message}
-    param = error.param
-    if param is None and (match := _LEADING_FIELD.match(message)):
-        param = match.group(1)
     return {
         "error": {
             "message": message,
             "type": _ERROR_TYPES.get(error.status, "invalid_request_error"),
-            "param": param,
+            "param": error.param,
             "code": error.code,
         }
     }

@@ -33,7 +33,7 @@ import io
 import ipaddress
 import re
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -118,6 +118,14 @@ class ImageInputError(Exception):
         super().__init__(f"image {index}: {reason}")
         self.index = index
         self.reason = reason
+
+
+class ImagesAbandoned(Exception):
+    """Raised by :func:`process_images` when the client hung up: its fetches were stopped."""
+
+
+# How often `process_images` asks whether the client is still there.
+DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -564,6 +572,7 @@ async def process_images(
     *,
     pixels: Budget | None = None,
     executor: Executor | None = None,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
 ) -> list[T]:
     """Fetch / decode each source and hand its RGB image to `convert` (in a worker thread),
     keeping only what `convert` returns, in input order.
@@ -573,7 +582,9 @@ async def process_images(
     it, so a request of many big pages never holds more than a few bitmaps. `pixels` is the
     server-wide IMAGE_DECODE_BUDGET_PIXELS budget (one per call when None). Fetches share
     one deadline (IMAGE_FETCH_DEADLINE_S from the start of the call). The lowest-index
-    failure raises :class:`ImageInputError`; later sources are cancelled at once.
+    failure raises :class:`ImageInputError`; later sources are cancelled at once. When
+    `disconnected` says the client hung up (asked every DISCONNECT_POLL_S), every fetch and
+    decode not yet done is cancelled, none is started, and :class:`ImagesAbandoned` is raised.
     """
     if not sources:
         return []
@@ -603,6 +614,14 @@ async def process_images(
                 later.cancel()
             raise
 
+    async def watch(check: Callable[[], Awaitable[bool]]) -> bool:
+        while not await check():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        for task in tasks:
+            task.cancel()
+        return True
+
+    watcher = asyncio.create_task(watch(disconnected)) if disconnected is not None else None
     try:
         tasks.extend(asyncio.create_task(resolve(i, s)) for i, s in enumerate(sources))
         results: list[T] = []
@@ -611,8 +630,14 @@ async def process_images(
                 results.append(await task)
             except ImageError as exc:
                 raise ImageInputError(index, str(exc)) from None
+            except asyncio.CancelledError:
+                if watcher is not None and watcher.done() and not watcher.cancelled():
+                    raise ImagesAbandoned from None
+                raise
         return results
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)  # sockets closed before session

@@ -75,7 +75,7 @@ class EmbedRequest:
 def _check_bool(body: dict[str, Any], name: str, default: bool) -> bool:
     value = body.get(name, default)
     if not isinstance(value, bool):
-        raise RequestError(f"`{name}` must be true or false, got {_kind(value)}")
+        raise RequestError(f"`{name}` must be true or false, got {_kind(value)}", param=name)
     return value
 
 
@@ -84,9 +84,9 @@ def _check_positive_int(body: dict[str, Any], name: str, maximum: int | None = N
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RequestError(f"`{name}` must be a positive integer, got {show(value)}")
+        raise RequestError(f"`{name}` must be a positive integer, got {show(value)}", param=name)
     if maximum is not None and value > maximum:
-        raise RequestError(f"`{name}` is {value}, the limit is {maximum}")
+        raise RequestError(f"`{name}` is {value}, the limit is {maximum}", param=name)
     return value
 
 
@@ -95,11 +95,15 @@ def _check_choice(body: dict[str, Any], name: str, choices: tuple[str, ...], def
     if value is None:
         return default
     if not isinstance(value, str):
-        raise RequestError(f"`{name}` must be one of {', '.join(choices)}, got {_kind(value)}")
+        raise RequestError(
+            f"`{name}` must be one of {', '.join(choices)}, got {_kind(value)}", param=name
+        )
     # NIM accepts these case-insensitively (`"end"`, `"Base64"`): normalise, then check.
     normal = value.upper() if choices is TRUNCATE_VALUES else value.lower()
     if normal not in choices:
-        raise RequestError(f"`{name}` must be one of {', '.join(choices)}, got {show(value)}")
+        raise RequestError(
+            f"`{name}` must be one of {', '.join(choices)}, got {show(value)}", param=name
+        )
     return normal
 
 
@@ -121,62 +125,82 @@ def _names(keys: list[str]) -> str:
     return shown + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def _check_text(text: Any, where: str) -> str:
+def _check_text(text: Any, where: str, param: str | None = None) -> str:
+    """`where` names the text in messages; `param` is the field (default: `where`)."""
+    param = param or where
     if not isinstance(text, str):
-        raise RequestError(f"{where} must be a string, got {_kind(text)}")
+        raise RequestError(f"{where} must be a string, got {_kind(text)}", param=param)
     if not text.strip():
-        raise RequestError(f"{where} is empty")
+        raise RequestError(f"{where} is empty", param=param)
     if "\x00" in text:
-        raise RequestError(f"{where} contains a NUL character")
+        raise RequestError(f"{where} contains a NUL character", param=param)
     return text
+
+
+def _is_image_url(text: str) -> bool:
+    """A `data:image/...` URL: the scheme and the media type are case-insensitive (RFC 2397),
+    so `DATA:image/png;base64,...` is an image too, not 10,000 tokens of text."""
+    return text[:11].lower() == "data:image/"
 
 
 def _parse_item(raw: Any, where: str, caps: ModelCaps, kind: Kind) -> Item:
     if isinstance(raw, str):
-        if raw.startswith("data:image/") and caps.supports_images and kind == "passage":
+        is_image = _is_image_url(raw)
+        if is_image and caps.supports_images and kind == "passage":
             return Item(image=ImageSource(url=raw))
-        if raw.startswith("data:image/"):
-            raise RequestError(f"{where}: images are not accepted by {caps.name} {_PLURAL[kind]}")
+        if is_image:
+            raise RequestError(
+                f"{where}: images are not accepted by {caps.name} {_PLURAL[kind]}", param=where
+            )
         return Item(text=_check_text(raw, where))
     if not isinstance(raw, dict):
-        raise RequestError(f"{where} must be a string or an object, got {_kind(raw)}")
+        raise RequestError(f"{where} must be a string or an object, got {_kind(raw)}", param=where)
     item_type = raw.get("type", "text" if "text" in raw else None)
     known = {"type", "text", "url", "content", "image_url"}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise RequestError(f"{where}: unknown field(s) {_names(unknown)}")
+        raise RequestError(f"{where}: unknown field(s) {_names(unknown)}", param=where)
     if item_type == "text":
         if "url" in raw or "content" in raw:
-            raise RequestError(f"{where}: a text item takes only `text`")
+            raise RequestError(f"{where}: a text item takes only `text`", param=where)
         return Item(text=_check_text(raw.get("text"), f"{where}.text"))
     if item_type == "image":
         if not caps.supports_images or kind != "passage":
-            raise RequestError(f"{where}: images are not accepted by {caps.name} {_PLURAL[kind]}")
+            raise RequestError(
+                f"{where}: images are not accepted by {caps.name} {_PLURAL[kind]}", param=where
+            )
         url, content = raw.get("url", raw.get("image_url")), raw.get("content")
         if (url is None) == (content is None):
-            raise RequestError(f"{where}: an image needs exactly one of `url` or `content`")
+            raise RequestError(
+                f"{where}: an image needs exactly one of `url` or `content`", param=where
+            )
         if url is not None and (not isinstance(url, str) or not url):
-            raise RequestError(f"{where}.url must be a non-empty string")
+            raise RequestError(f"{where}.url must be a non-empty string", param=f"{where}.url")
         if content is not None and (not isinstance(content, str) or not content):
-            raise RequestError(f"{where}.content must be a non-empty base64 string")
+            raise RequestError(
+                f"{where}.content must be a non-empty base64 string", param=f"{where}.content"
+            )
         text = raw.get("text")
         if text is not None:
             text = _check_text(text, f"{where}.text")
         return Item(text=text, image=ImageSource(url=url, content=content))
-    raise RequestError(f"{where}.type must be 'text' or 'image', got {show(item_type)}")
+    raise RequestError(
+        f"{where}.type must be 'text' or 'image', got {show(item_type)}", param=f"{where}.type"
+    )
 
 
 def _parse_items(raw: Any, field_name: str, caps: ModelCaps, kind: Kind) -> list[Item]:
     if not isinstance(raw, list):
-        raise RequestError(f"`{field_name}` must be a list, got {_kind(raw)}")
+        raise RequestError(f"`{field_name}` must be a list, got {_kind(raw)}", param=field_name)
     if not raw:
-        raise RequestError(f"`{field_name}` is empty")
+        raise RequestError(f"`{field_name}` is empty", param=field_name)
     return [_parse_item(x, f"{field_name}[{i}]", caps, kind) for i, x in enumerate(raw)]
 
 
-def _too_many(count: int, settings: Settings) -> RequestError:
+def _too_many(count: int, settings: Settings, param: str | None = None) -> RequestError:
     return RequestError(
         f"request has {count} inputs, the limit is {settings.max_items} (MAX_ITEMS_PER_REQUEST)",
+        param=param,
         code="too_many_inputs",
     )
 
@@ -199,6 +223,7 @@ def _check_lengths(req: EmbedRequest, settings: Settings) -> None:
                     f"{settings.chars_per_token} (INPUT_CHARS_PER_TOKEN) x the limit of {limit} "
                     f"tokens ({settings.max_tokens_setting[kind]}); shorten it or send "
                     "`truncate: END` or `START`",
+                    param=req.label(kind, i),
                 )
             item.text = item.text[:chars] if req.truncate == "END" else item.text[-chars:]
 
@@ -222,19 +247,28 @@ def _check_common(
     dims = body.get("dimensions")
     if dims is not None:
         if not caps.dimensions:
-            raise RequestError(f"`dimensions` is not supported by {caps.name}")
+            raise RequestError(f"`dimensions` is not supported by {caps.name}", param="dimensions")
         if isinstance(dims, bool) or not isinstance(dims, int) or dims not in caps.dimensions:
             sizes = ", ".join(str(d) for d in caps.dimensions)
-            raise RequestError(f"`dimensions` must be one of {sizes}, got {show(dims)}")
+            raise RequestError(
+                f"`dimensions` must be one of {sizes}, got {show(dims)}", param="dimensions"
+            )
         req.dimensions = dims
     instruction = body.get("instruction")
     if instruction is not None:
         if not caps.supports_instruction:
-            raise RequestError(f"`instruction` is not supported by {caps.name}")
+            raise RequestError(
+                f"`instruction` is not supported by {caps.name}", param="instruction"
+            )
         if not isinstance(instruction, str):
-            raise RequestError(f"`instruction` must be a string, got {_kind(instruction)}")
+            raise RequestError(
+                f"`instruction` must be a string, got {_kind(instruction)}", param="instruction"
+            )
         if len(instruction) > 2000:
-            raise RequestError(f"`instruction` is {len(instruction)} characters, the limit is 2000")
+            raise RequestError(
+                f"`instruction` is {len(instruction)} characters, the limit is 2000",
+                param="instruction",
+            )
         req.instruction = instruction
 
 
@@ -250,9 +284,9 @@ def parse_predict(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReques
     if unknown:
         raise RequestError(f"unknown field(s): {_names(unknown)}")
     if "query" in body and "queries" in body:
-        raise RequestError("give either `query` or `queries`, not both")
+        raise RequestError("give either `query` or `queries`, not both", param="query")
     if "documents" in body and "passages" in body:
-        raise RequestError("give either `documents` or `passages`, not both")
+        raise RequestError("give either `documents` or `passages`, not both", param="documents")
     req = EmbedRequest()
     req.fields = {
         "query": "query" if "query" in body else "queries",
@@ -275,11 +309,16 @@ def parse_predict(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReques
     req.batch_size = _check_positive_int(body, "batch_size", settings.batch_max_items)
     req.top_k = _check_positive_int(body, "top_k", settings.max_top_k)
     if req.top_k is not None and not req.compute_scores:
-        raise RequestError("`top_k` needs `compute_scores: true`")
+        raise RequestError("`top_k` needs `compute_scores: true`", param="top_k")
     if req.compute_scores and not (req.queries and req.passages):
-        raise RequestError("`compute_scores` needs both queries and passages")
+        raise RequestError(
+            "`compute_scores` needs both queries and passages", param="compute_scores"
+        )
     if not req.return_embeddings and not req.compute_scores:
-        raise RequestError("nothing to return: `return_embeddings` is false and no scores asked")
+        raise RequestError(
+            "nothing to return: `return_embeddings` is false and no scores asked",
+            param="return_embeddings",
+        )
     _check_common(body, req, caps, settings)
     return req
 
@@ -292,7 +331,7 @@ def _input_type(body: dict[str, Any], caps: ModelCaps) -> tuple[str | None, str 
     suffix = None
     if model is not None:
         if not isinstance(model, str):
-            raise RequestError(f"`model` must be a string, got {_kind(model)}")
+            raise RequestError(f"`model` must be a string, got {_kind(model)}", param="model")
         if model not in caps.model_ids:
             for kind in INPUT_TYPES:
                 if model.endswith(f"-{kind}") and model[: -len(kind) - 1] in caps.model_ids:
@@ -301,12 +340,16 @@ def _input_type(body: dict[str, Any], caps: ModelCaps) -> tuple[str | None, str 
             else:
                 raise RequestError(
                     f"`model` must be one of {', '.join(caps.model_ids)} (optionally with "
-                    f"-query or -passage), got {show(body.get('model'))}"
+                    f"-query or -passage), got {show(body.get('model'))}",
+                    param="model",
                 )
     stated = body.get("input_type")
     if stated is not None:
         if not isinstance(stated, str) or stated.lower() not in INPUT_TYPES:
-            raise RequestError(f"`input_type` must be one of query, passage, got {show(stated)}")
+            raise RequestError(
+                f"`input_type` must be one of query, passage, got {show(stated)}",
+                param="input_type",
+            )
         stated = stated.lower()
         if suffix is not None and suffix != stated:
             raise RequestError(
@@ -325,35 +368,40 @@ def _modalities(body: dict[str, Any], count: int, caps: ModelCaps) -> list[str |
     if not caps.supports_images:
         if raw == "text" or (isinstance(raw, list) and all(m == "text" for m in raw)):
             return [None] * count  # what a text model does anyway: accept it
-        raise RequestError(f"`modality` must be text for {caps.name}, got {show(raw)}")
+        raise RequestError(
+            f"`modality` must be text for {caps.name}, got {show(raw)}", param="modality"
+        )
     values = [raw] * count if isinstance(raw, str) else raw
     if not isinstance(values, list) or len(values) != count:
         raise RequestError(
             f"`modality` must be one of {', '.join(MODALITIES)} or a list of one per input "
-            f"({count}), got {show(raw)}"
+            f"({count}), got {show(raw)}",
+            param="modality",
         )
     for i, value in enumerate(values):
         if value not in MODALITIES:
             raise RequestError(f"modality[{i}] must be one of {', '.join(MODALITIES)}, "
-                               f"got {show(value)}")  # fmt: skip
+                               f"got {show(value)}", param=f"modality[{i}]")  # fmt: skip
     return values
 
 
 def _modal_item(raw: Any, modality: str | None, where: str, caps: ModelCaps, kind: Kind) -> Item:
     if modality is None or not isinstance(raw, str):
         return _parse_item(raw, where, caps, kind)
-    is_image = raw[:11].lower() == "data:image/"
+    is_image = _is_image_url(raw)
     if modality == "text":
         return Item(text=_check_text(raw, where))
     if not is_image:
-        raise RequestError(f"{where}: modality {modality} needs a data:image/...;base64, URL")
+        raise RequestError(
+            f"{where}: modality {modality} needs a data:image/...;base64, URL", param=where
+        )
     if kind != "passage":
-        raise RequestError(f"{where}: images are not accepted by {caps.name} queries")
+        raise RequestError(f"{where}: images are not accepted by {caps.name} queries", param=where)
     if modality == "image":
         return Item(image=ImageSource(url=raw))
     # text_image: the data URL, then whitespace, then the text (base64 has no whitespace).
     url, _, text = raw.partition(" ")
-    return Item(image=ImageSource(url=url), text=_check_text(text, f"{where} (text part)"))
+    return Item(image=ImageSource(url=url), text=_check_text(text, f"{where} (text part)", where))
 
 
 def parse_embeddings(body: Any, caps: ModelCaps, settings: Settings) -> EmbedRequest:
@@ -370,31 +418,35 @@ def parse_embeddings(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReq
     stated, _ = _input_type(body, caps)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise RequestError(f"`user` must be a string, got {_kind(user)}")
+        raise RequestError(f"`user` must be a string, got {_kind(user)}", param="user")
     if "input" not in body:
-        raise RequestError("`input` is required (a string or a list of strings)")
+        raise RequestError("`input` is required (a string or a list of strings)", param="input")
     raw = body["input"]
     if isinstance(raw, str):
         raws, labels = [raw], ["input"]
     elif isinstance(raw, list):
         if not raw:
-            raise RequestError("`input` is empty")
+            raise RequestError("`input` is empty", param="input")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in raw) or any(
             isinstance(x, list) for x in raw
         ):
-            raise RequestError("`input` must be text: token-id arrays are not accepted")
+            raise RequestError(
+                "`input` must be text: token-id arrays are not accepted", param="input"
+            )
         raws, labels = raw, [f"input[{i}]" for i in range(len(raw))]
     else:
-        raise RequestError(f"`input` must be a string or a list of strings, got {_kind(raw)}")
+        raise RequestError(
+            f"`input` must be a string or a list of strings, got {_kind(raw)}", param="input"
+        )
     if len(raws) > settings.max_items:
-        raise _too_many(len(raws), settings)  # before looking at a single item
+        raise _too_many(len(raws), settings, "input")  # before looking at a single item
     modalities = _modalities(body, len(raws), caps)
     kind: Kind
     if stated is not None:
         kind = "query" if stated == "query" else "passage"
     elif caps.supports_images and any(
         m in ("image", "text_image") or (m is None and isinstance(x, str)
-                                         and x[:11].lower() == "data:image/")
+                                         and _is_image_url(x))
         for x, m in zip(raws, modalities, strict=True)
     ):  # fmt: skip
         kind = "passage"  # as NIM: images are passages when the request does not say
@@ -412,8 +464,8 @@ def parse_embeddings(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReq
         for x, m, label in zip(raws, modalities, labels, strict=True)
     ]
     for label, item in zip(labels, items, strict=True):
-        if item.image is not None and item.image.url and not item.image.url.startswith("data:"):
-            raise RequestError(f"{label}: images on /v1/embeddings are data: URLs")
+        if item.image is not None and item.image.url and item.image.url[:5].lower() != "data:":
+            raise RequestError(f"{label}: images on /v1/embeddings are data: URLs", param=label)
     req = EmbedRequest(truncate="NONE", fields={"query": "input", "passage": "input"})
     req.single = isinstance(raw, str)
     if kind == "query":

@@ -30,7 +30,7 @@ from embed_serving.encoding import (
 )
 from embed_serving.engine import ClientGone, Engine, EngineLimits
 from embed_serving.errors import RequestError
-from embed_serving.images import ImageInputError, ImageSource, process_images
+from embed_serving.images import ImageInputError, ImagesAbandoned, ImageSource, process_images
 from embed_serving.request import EmbedRequest, Item, Kind, parse_embeddings, parse_predict
 from embed_serving.settings import Settings
 
@@ -161,6 +161,10 @@ class EmbeddingService:
     async def _embed_request(
         self, req: EmbedRequest, labels: dict[str, str], disconnected: Disconnected | None
     ) -> dict[str, Embedded]:
+        # The response size from characters first: a request whose answer cannot fit is
+        # refused before any fetch or tokeniser pass (checked again from the token counts).
+        rows = self._rows_from_characters(req)
+        self._check_response_size(req, rows, estimated=self.caps.multi_vector)
         # Image memory is reserved at the request's worst case before anything is fetched, and
         # held until its tiles are dropped, so the total over all requests stays bounded.
         reserved = await self._reserve_image_memory(req.passages, labels["passage"], disconnected)
@@ -176,13 +180,13 @@ class EmbeddingService:
         self, req: EmbedRequest, labels: dict[str, str], disconnected: Disconnected | None
     ) -> dict[str, Embedded]:
         self.engine.check_room(len(req.queries) + len(req.passages))
-        await self._load_images(req.passages, labels["passage"])
+        await self._load_images(req.passages, labels["passage"], disconnected)
         chars = sum(len(item.text or "") for item in req.queries + req.passages)
         if chars <= INLINE_TEXT_CHARS and not any(i.image for i in req.passages):
             prepared = self._prepare(req, labels)
         else:
             prepared = await self._in_pool(lambda: self._prepare(req, labels))
-        self._check_response_size(req, prepared)
+        self._check_response_size(req, self._rows(prepared), estimated=False)
         # One engine job for the whole request: queries and passages may share micro-batches.
         inputs = [p for kind in prepared for p in prepared[kind]]
         try:
@@ -200,19 +204,33 @@ class EmbeddingService:
             results[kind] = Embedded(vectors, sum(len(p.input_ids) for p in items))
         return results
 
-    def _check_response_size(
-        self, req: EmbedRequest, prepared: dict[Kind, list[Prepared]]
-    ) -> None:
+    def _rows(self, prepared: dict[Kind, list[Prepared]]) -> int:
+        """Vectors in the response: one per token (multi-vector) or one per input."""
+        if self.caps.multi_vector:
+            return sum(len(p.input_ids) for items in prepared.values() for p in items)
+        return sum(len(items) for items in prepared.values())
+
+    def _rows_from_characters(self, req: EmbedRequest) -> int:
+        """`_rows` before tokenising, from below: an input counts one token per
+        INPUT_CHARS_PER_TOKEN characters of its text (at least one, at most its token limit;
+        image tokens not counted), the same ratio that already bounds its characters. Real
+        text has 3-5 characters a token, so the estimate refuses only what the exact check
+        after tokenising would refuse too."""
+        if not self.caps.multi_vector:
+            return len(req.queries) + len(req.passages)
+        per = self.settings.chars_per_token
+        rows = 0
+        for kind, items in (("query", req.queries), ("passage", req.passages)):
+            limit = self.settings.max_tokens[kind]
+            rows += sum(min(limit, max(1, -(-len(item.text or "") // per))) for item in items)
+        return rows
+
+    def _check_response_size(self, req: EmbedRequest, rows: int, estimated: bool) -> None:
         """Refuse, before any model work, a response bigger than MAX_RESPONSE_BYTES: its size
-        follows from the token counts (multi-vector), the width and the encoding, and the
-        whole of it would be built in host memory."""
+        follows from the rows (`_rows`), the width and the encoding, and the whole of it would
+        be built in host memory."""
         width = req.dimensions or self.caps.dimension
-        values = 0
-        if req.return_embeddings:
-            for items in prepared.values():
-                multi = self.caps.multi_vector
-                rows = sum(len(p.input_ids) for p in items) if multi else len(items)
-                values += rows * width
+        values = rows * width if req.return_embeddings else 0
         size = response_bytes(values, req.encoding_format, req.embedding_type)
         if req.compute_scores:
             size += 16 * len(req.queries) * len(req.passages)
@@ -228,7 +246,8 @@ class EmbeddingService:
             hints.append("`return_embeddings: false`")
         hints.append("fewer inputs per request")
         raise RequestError(
-            f"the response would be about {size} bytes, the limit is {limit} "
+            f"the response would be {'at least ' if estimated else ''}about {size} bytes, "
+            f"the limit is {limit} "
             f"(MAX_RESPONSE_BYTES); send {', or '.join(hints)}",
             status=413,
             code="response_too_large",
@@ -269,6 +288,7 @@ class EmbeddingService:
                 f"kept until the response, downloads in flight), the limit is "
                 f"IMAGE_MEMORY_BUDGET_BYTES={budget.total}; send fewer images per request",
                 status=413,
+                param=field,
             )
         # Waits (first come, first served) while other requests hold the budget; a client that
         # hangs up meanwhile leaves the line.
@@ -288,7 +308,9 @@ class EmbeddingService:
                 budget.release(need)
             raise
 
-    async def _load_images(self, items: list[Item], field: str) -> None:
+    async def _load_images(
+        self, items: list[Item], field: str, disconnected: Disconnected | None
+    ) -> None:
         """Fetch, decode and tile each image (one at a time per slot, in the prepare pool):
         only the tiles are kept, the bitmap is dropped as soon as it is tiled."""
         indices = [i for i, item in enumerate(items) if item.image is not None]
@@ -301,9 +323,13 @@ class EmbeddingService:
                 self.backend.tile_image,
                 pixels=self._image_pixels,
                 executor=self._pool,
+                disconnected=disconnected,
             )
+        except ImagesAbandoned:
+            raise RequestError("the client disconnected", status=499) from None
         except ImageInputError as e:
-            raise RequestError(f"{self._label(field, indices[e.index])}: {e.reason}") from None
+            label = self._label(field, indices[e.index])
+            raise RequestError(f"{label}: {e.reason}", param=label) from None
         for i, pixels in zip(indices, tiles, strict=True):
             items[i].pixel_values = pixels
 

@@ -14,7 +14,11 @@ from embed_serving.images import ImageLimits
 log = logging.getLogger(__name__)
 
 
-def _env_int(name: str, default: int, minimum: int = 1, maximum: int = 1 << 50) -> int:
+# Upper bounds keep every cap meaningful: a cap of 2^50 bytes is no cap at all.
+GIB = 1 << 30
+
+
+def _env_int(name: str, default: int, minimum: int = 1, maximum: int = 1 << 24) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -92,6 +96,11 @@ class Settings:
     # INPUT_CHARS_PER_TOKEN: characters an input may have per token of its limit; checked
     # before tokenising, so a 20 MB string costs a length check, not 30 s of tokeniser time.
     chars_per_token: int = 16
+    # REQUEST_BODY_TIMEOUT_S: the longest wait for the next piece of a request body (408).
+    body_timeout_s: float = 30.0
+    # CONNECTION_IDLE_TIMEOUT_S: a connection that sends no complete request head in this time
+    # (from its opening or its previous response) is closed.
+    idle_timeout_s: float = 20.0
     default_input_type: str = "query"  # DEFAULT_INPUT_TYPE: query / passage / required
     images: ImageLimits = field(default_factory=ImageLimits)
 
@@ -121,19 +130,31 @@ class Settings:
             max_tokens_setting=names,
             max_items=_env_int("MAX_ITEMS_PER_REQUEST", 512, maximum=1 << 20),
             batch_max_items=_env_int("BATCH_MAX_ITEMS", 64, maximum=1 << 16),
-            batch_max_tokens=_env_int("BATCH_MAX_TOKENS", batch_max_tokens),
+            batch_max_tokens=_env_int("BATCH_MAX_TOKENS", batch_max_tokens, maximum=1 << 24),
             max_top_k=_env_int("MAX_TOP_K", 1000, maximum=1 << 20),
-            max_queue_tokens=_env_int("MAX_QUEUE_TOKENS", 1_048_576),
+            max_queue_tokens=_env_int("MAX_QUEUE_TOKENS", 1_048_576, maximum=1 << 30),
             max_consecutive_failures=_env_int("ENGINE_MAX_CONSECUTIVE_FAILURES", 5, maximum=1000),
             prepare_threads=_env_int("PREPARE_THREADS", 2, maximum=256),
-            max_request_bytes=(max_request := _env_int("MAX_REQUEST_BYTES", 64 << 20, 1024)),
-            max_inflight_bytes=_env_int("MAX_INFLIGHT_BYTES", 4 * max_request, max_request),
-            max_response_bytes=_env_int("MAX_RESPONSE_BYTES", 256 << 20, minimum=1024),
-            chars_per_token=_env_int("INPUT_CHARS_PER_TOKEN", 16, maximum=1 << 20),
+            max_request_bytes=(
+                max_request := _env_int("MAX_REQUEST_BYTES", 64 << 20, 1024, maximum=4 * GIB)
+            ),
+            max_inflight_bytes=_env_int(
+                "MAX_INFLIGHT_BYTES", 4 * max_request, max_request, maximum=64 * GIB
+            ),
+            max_response_bytes=_env_int(
+                "MAX_RESPONSE_BYTES", 256 << 20, minimum=1024, maximum=16 * GIB
+            ),
+            chars_per_token=_env_int("INPUT_CHARS_PER_TOKEN", 16, maximum=1024),
+            body_timeout_s=_env_float("REQUEST_BODY_TIMEOUT_S", 30.0, maximum=3600),
+            idle_timeout_s=_env_float("CONNECTION_IDLE_TIMEOUT_S", 20.0, maximum=3600),
             default_input_type=_env_choice("DEFAULT_INPUT_TYPE", "query", DEFAULT_INPUT_TYPES),
             images=ImageLimits(
-                max_bytes=_env_int("IMAGE_MAX_BYTES", ImageLimits.max_bytes),
-                max_pixels=(max_pixels := _env_int("IMAGE_MAX_PIXELS", ImageLimits.max_pixels)),
+                max_bytes=(
+                    max_image := _env_int("IMAGE_MAX_BYTES", ImageLimits.max_bytes, maximum=GIB)
+                ),
+                max_pixels=(
+                    max_pixels := _env_int("IMAGE_MAX_PIXELS", ImageLimits.max_pixels, maximum=GIB)
+                ),
                 fetch_timeout_s=_env_float(
                     "IMAGE_FETCH_TIMEOUT_S", ImageLimits.fetch_timeout_s, maximum=3600
                 ),
@@ -141,7 +162,9 @@ class Settings:
                     "IMAGE_MAX_REDIRECTS", ImageLimits.max_redirects, 0, maximum=100
                 ),
                 allow_private=_env_bool("IMAGE_ALLOW_PRIVATE_URLS", False),
-                max_concurrency=_env_int("IMAGE_FETCH_CONCURRENCY", ImageLimits.max_concurrency),
+                max_concurrency=_env_int(
+                    "IMAGE_FETCH_CONCURRENCY", ImageLimits.max_concurrency, maximum=256
+                ),
                 fetch_deadline_s=_env_float(
                     "IMAGE_FETCH_DEADLINE_S", ImageLimits.fetch_deadline_s, maximum=3600
                 ),
@@ -149,9 +172,15 @@ class Settings:
                 decode_budget_pixels=_env_int(
                     "IMAGE_DECODE_BUDGET_PIXELS",
                     max(ImageLimits.decode_budget_pixels, 2 * max_pixels),
+                    minimum=max_pixels,  # else an image within IMAGE_MAX_PIXELS never decodes
+                    maximum=64 * GIB,
                 ),
+                # At least one image's download; its tiles are added at load, from config.json.
                 memory_budget_bytes=_env_int(
-                    "IMAGE_MEMORY_BUDGET_BYTES", ImageLimits.memory_budget_bytes, 1 << 20
+                    "IMAGE_MEMORY_BUDGET_BYTES",
+                    ImageLimits.memory_budget_bytes,
+                    max(1 << 20, max_image),
+                    maximum=1024 * GIB,
                 ),
             ),
         )
@@ -161,9 +190,10 @@ class Settings:
 TOKEN_LIMIT_SETTINGS = ("MAX_INPUT_TOKENS", "MAX_QUERY_TOKENS", "MAX_PASSAGE_TOKENS")
 
 
-def check_env() -> None:
+def check_env() -> Settings:
     """Validate every setting in the environment, before any weight is read: a typo must fail
-    the deployment in a second, not after a full load (which Truss then retries)."""
-    Settings.from_env(
+    the deployment in a second, not after a full load (which Truss then retries). Returns the
+    settings that do not depend on the checkpoint (token limits there are placeholders)."""
+    return Settings.from_env(
         {name: (name, 1) for name in TOKEN_LIMIT_SETTINGS}, model_max_tokens=1 << 30
     )

@@ -4,8 +4,9 @@ and which token-limit settings it uses.
 This is the route layer. Both routes take the starlette `Request` alone (deliberately without
 `from __future__ import annotations`: Truss inspects the annotation to decide that), so Truss
 hands us the raw body instead of parsing it itself (its parser answers invalid UTF-8, deep
-nesting or gzip with a 500), we can cap the body before it is all in memory, and the pipeline
-can see a client that hangs up.
+nesting or gzip with a 500), and the pipeline can see a client that hangs up. Truss still reads
+the whole body before calling us; `http_guard`, installed from `load()`, caps and times it
+before that.
 """
 
 import asyncio
@@ -17,10 +18,10 @@ from fastapi import Response
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 
-from embed_serving import memory, metrics
+from embed_serving import http_guard, memory, metrics
 from embed_serving.body import parse_json, read_body
 from embed_serving.checkpoint import resolve_checkpoint_dir
-from embed_serving.errors import RequestError, Route, error_response, printable
+from embed_serving.errors import RequestError, Route, error_response
 from embed_serving.service import EmbeddingService
 from embed_serving.settings import check_env
 
@@ -33,14 +34,23 @@ class TrussModel:
         self._secrets = kwargs.get("secrets")
         self._lazy_data_resolver = kwargs.get("lazy_data_resolver")
         self._service: EmbeddingService | None = None
-        self._inflight_bytes = 0  # request bodies held by requests in progress
+        # Bodies held by requests in progress, counted here only where no guard reads them
+        # first (`http_guard`, which holds them from before the first byte is read).
+        self._guard: http_guard.BodyGuard | None = None
+        self._budget: http_guard.InflightBudget | None = None
 
     def create_service(self, checkpoint_dir: Path) -> EmbeddingService:
         raise NotImplementedError
 
     def load(self) -> None:
-        check_env()  # a malformed setting fails here, before any weight is read
+        settings = check_env()  # a malformed setting fails here, before any weight is read
         memory.configure_allocator()
+        self._guard = http_guard.install(
+            settings.max_request_bytes,
+            settings.max_inflight_bytes,
+            settings.body_timeout_s,
+            settings.idle_timeout_s,
+        )
         if self._lazy_data_resolver is not None:
             # Truss's model_cache downloads in the background; wait for the files.
             self._lazy_data_resolver.block_until_download_complete()
@@ -61,15 +71,19 @@ class TrussModel:
 
     async def _handle(self, route: Route, request: Request) -> Response:
         held = 0
+        big = False
         try:
             service = self._service
             if service is None:
                 raise RequestError("the model is still loading", status=503)
             settings = service.settings
-            held = self._reserve(request, settings.max_request_bytes, settings.max_inflight_bytes)
+            if self._guard is None:
+                held = self._reserve(
+                    request, settings.max_request_bytes, settings.max_inflight_bytes
+                )
             raw = await read_body(request.headers, request.stream(), settings.max_request_bytes)
-            body = parse_json(raw)
             big = len(raw) > memory.TRIM_AFTER_BYTES
+            body = parse_json(raw)
             del raw
             if route == "predict":
                 response = await service.predict(body, request.is_disconnected)
@@ -83,33 +97,24 @@ class TrussModel:
                 # After a big response is sent and its buffer freed.
                 response.background = BackgroundTask(asyncio.to_thread, memory.release_memory)
         except RequestError as e:
-            # A client's mistake is one line, not a traceback: bad clients must not flood the
-            # deployment's logs. The message is the one the client got, escaped.
-            log.warning(
-                "%s %d %s (request id %s)", route, e.status, printable(e.message)[:500],
-                printable(request.headers.get("x-baseten-request-id", "-")[:100]),
-            )  # fmt: skip
+            http_guard.log_refusal(route, e, request.headers.get("x-baseten-request-id", "-"))
             response = error_response(e, route)
+            if big:
+                # A refused big body (invalid JSON, a 400 on an item, a 413 on the response)
+                # is as much memory as an accepted one: give it back too.
+                response.background = BackgroundTask(asyncio.to_thread, memory.release_memory)
+            return response
         finally:
-            self._inflight_bytes -= held
+            if self._budget is not None:
+                self._budget.release(held)
         metrics.REQUESTS.labels(route, str(response.status_code)).inc()
         return response
 
     def _reserve(self, request: Request, max_request: int, max_inflight: int) -> int:
-        """Hold room for this request's body in the server-wide budget (MAX_INFLIGHT_BYTES):
-        the body and what is parsed from it live until the response is built, so concurrent
-        big bodies are bounded together, not only one by one. Without a Content-Length the
-        request is charged the whole per-request cap."""
+        """Hold room for this request's body in the server-wide budget (MAX_INFLIGHT_BYTES),
+        where no guard did it before the body was read (see `http_guard.InflightBudget`)."""
+        if self._budget is None:
+            self._budget = http_guard.InflightBudget(max_inflight)
         declared = request.headers.get("content-length", "").strip()
         size = min(int(declared), max_request) if declared.isdigit() else max_request
-        if self._inflight_bytes and self._inflight_bytes + size > max_inflight:
-            raise RequestError(
-                f"the server is busy: {self._inflight_bytes} bytes of request bodies are in "
-                f"progress and this one adds {size}, the limit is {max_inflight} "
-                "(MAX_INFLIGHT_BYTES); retry after 1 s",
-                status=429,
-                code="server_busy",
-                headers={"Retry-After": "1"},
-            )
-        self._inflight_bytes += size
-        return size
+        return self._budget.reserve(size)

@@ -57,7 +57,15 @@ class NVEmbedBackend(Backend):
         head = 1 + len(self.tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"])
         # START truncation keeps the instruction (and never leaves a row with nothing pooled).
         protected = max(head if prefix else 1, pool_from)
-        return [Prepared(list(ids), protected=protected, pool_from=pool_from) for ids in encoded]
+        # The official recipe masks the instruction's own token count, which is more than the
+        # row holds before `</s>` when the instruction's last piece merges with the text
+        # ("Instruct: Phot" + "osynthesis" is <s> Instruct: Photosynthesis </s>): it then
+        # pools nothing and answers NaN. Here the last token, `</s>`, always stays pooled (it
+        # attends to the whole row); every row the recipe pools something from is unchanged.
+        return [
+            Prepared(list(ids), protected=protected, pool_from=min(pool_from, len(ids) - 1))
+            for ids in encoded
+        ]
 
     def forward(self, batch: list[Prepared]) -> list[torch.Tensor]:
         ids, mask = self.pad(batch, self.pad_id)
