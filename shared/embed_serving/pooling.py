@@ -26,6 +26,10 @@ import torch.nn.functional as F
 # library is bundled into every package.
 
 
+# Up to this many tokens, scipy's pdist (the library's own call) beats the GEMM on a CPU.
+PDIST_MAX_TOKENS = 512
+
+
 def clusters(n: int, pool_factor: int) -> int:
     """How many vectors a passage of `n` tokens keeps (the library's `max_clusters`)."""
     return n if pool_factor <= 1 else max(1, n // pool_factor)
@@ -33,12 +37,14 @@ def clusters(n: int, pool_factor: int) -> int:
 
 def row_distances(vectors: torch.Tensor, device: torch.device | None = None) -> np.ndarray:
     """Condensed (scipy order) Euclidean distances between the rows of `1 - V V^T`, float64."""
-    from scipy.spatial.distance import squareform
+    from scipy.spatial.distance import pdist, squareform
 
     device = device or vectors.device
     v = vectors.to(device, torch.float32)
     # float32 similarities, as colpali-engine computes them; then float64 for the distances.
     d = (1 - v @ v.T).double()
+    if device.type == "cpu" and d.shape[0] <= PDIST_MAX_TOKENS:
+        return pdist(d.numpy())  # the library's own call: cheapest for short passages
     gram = d @ d.T
     sq = gram.diagonal()
     full = (sq[:, None] + sq[None, :] - 2 * gram).clamp_(min=0).sqrt_()
@@ -57,14 +63,15 @@ def pool_with_distances(
     if k >= n:
         return vectors
     tree = linkage(distances, method="ward")
-    labels = torch.from_numpy(fcluster(tree, t=k, criterion="maxclust").astype(np.int64) - 1)
-    # fcluster may give fewer than k clusters (ties): the library skips empty labels too.
-    used = int(labels.max()) + 1
-    v = vectors.float()
-    sums = torch.zeros((used, v.shape[1]), dtype=torch.float32).index_add_(0, labels, v)
-    counts = torch.bincount(labels, minlength=used)
-    keep = counts > 0
-    means = sums[keep] / counts[keep].unsqueeze(1).float()
+    labels = fcluster(tree, t=k, criterion="maxclust") - 1
+    # Cluster means in label order (fcluster may give fewer than k clusters on ties; the
+    # library skips empty labels too): sort tokens by label, sum each run, normalise.
+    order = np.argsort(labels, kind="stable")
+    runs = np.flatnonzero(np.diff(labels[order], prepend=-1))
+    v = vectors.float().numpy()
+    sums = np.add.reduceat(v[order], runs, axis=0)
+    counts = np.diff(np.append(runs, len(order)))
+    means = torch.from_numpy(sums / counts[:, None].astype(np.float32))
     return F.normalize(means, p=2, dim=-1)
 
 
