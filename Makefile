@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/bench_maxsim.py
 	$(PY) bench/bench_serving.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_storage.py
 
 # On a GPU machine: its own python3 and torch, no network, no venv. What it lacks comes from
 # wheels/gpu (made by `make gpu-wheels` on a machine with network, copied with the checkout).

@@ -80,13 +80,20 @@ def test_embeddings_route_pools_with_shapes_in_base64_and_binary(server, body, f
 
 
 def test_pool_factor_setting_is_the_default(start_server, golden, body) -> None:
-    server = start_server(PACKAGE, golden / PACKAGE / "checkpoint", POOL_FACTOR="2")
+    server = start_server(
+        PACKAGE, golden / PACKAGE / "checkpoint", POOL_FACTOR="2", MAX_RESPONSE_BYTES="200000"
+    )
     text = body["passages"][-1]
     default = server.predict({"passages": [text]}).json()["passage_embeddings"][0]
     explicit = server.predict({"passages": [text], "pool_factor": 2}).json()
     assert default == explicit["passage_embeddings"][0]
     unpooled = server.predict({"passages": [text], "pool_factor": 1}).json()
     assert len(default) == len(unpooled["passage_embeddings"][0]) // 2
+    # FDEs count in MAX_RESPONSE_BYTES: 10,240 JSON floats fit in 200 kB, 32,768 do not.
+    query = {"queries": ["q"], "return_embeddings": False}
+    assert server.predict({**query, "fde": True}).status_code == 200
+    r = server.predict({**query, "fde": {"r_reps": 64}})
+    assert r.status_code == 413 and "MAX_RESPONSE_BYTES" in r.json()["error"]
 
 
 def test_predict_fde_equals_fastembed(server, body, full) -> None:
