@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import colpali_pool, muvera_reference
 
 from embed_serving import fde, pooling
@@ -123,3 +125,33 @@ def test_single_vector_models_refuse_reductions(field: dict) -> None:
     ):
         with pytest.raises(RequestError, match=f"`{name}` is not supported by nvidia/"):
             parse(body, caps, settings)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["k_sim", "dim_proj", "r_reps", "seed", "x"]), children)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pool_factor=_json, fde_value=_json, route=st.sampled_from(["predict", "embeddings"]))
+def test_any_pool_factor_or_fde_parses_or_is_a_400(pool_factor, fde_value, route) -> None:
+    caps = ModelCaps(name="colembed", model_ids=("m",), multi_vector=True, dimension=64)
+    settings_ = Settings(max_tokens={"query": 8, "passage": 8}, max_tokens_setting={})
+    body = {"pool_factor": pool_factor, "fde": fde_value}
+    try:
+        if route == "predict":
+            req = parse_predict({"passages": ["text"], **body}, caps, settings_)
+        else:
+            req = parse_embeddings({"input": "t", "input_type": "passage", **body}, caps, settings_)
+    except RequestError as e:
+        assert e.status == 400 and ("pool_factor" in str(e) or "fde" in str(e)), str(e)
+        return
+    assert 1 <= req.pool_factor <= settings_.max_pool_factor
+    if req.fde is not None:
+        assert req.fde.dimensions() <= settings_.max_fde_dimensions
+        assert 1 <= req.fde.dim_proj <= 64
