@@ -13,7 +13,9 @@ Euclidean distances between its rows with `pdist`: an O(n^3) loop on one core, ~
 thread: milliseconds on a GPU), then give scipy the condensed distances, so that Ward's
 merges (sequential, O(n^2), ~50 ms at 1,800 tokens) and the cluster means run in the prepare
 pool (`pool_with_distances`), beside the device, not in its way. float64 keeps the distances
-within ~1e-11 of pdist's, so the merges, and the pooled vectors, are the library's.
+within ~1e-11 of pdist's, so the merges, and the pooled vectors, are the library's. On a CPU
+the GEMM is about 2x faster than pdist at 1,800 tokens (0.5 s against 1.1 s here) but slower for
+short passages, which keep pdist (`PDIST_MAX_TOKENS`).
 """
 
 from __future__ import annotations
