@@ -20,12 +20,13 @@ help:
 	@echo "                                  attention paths, MaxSim, NV-Embed at 32k, bf16 conformance"
 	@echo "make push MODEL=<dir> / make watch MODEL=<dir>   truss push --publish / truss watch"
 
-$(VENV)/.installed: requirements-dev.lock
+$(VENV)/.installed: requirements-dev.lock requirements-dev-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch first, pinned, so that nothing else can pull a (CUDA) build of its own choice.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -r requirements-dev.lock -c constraints.txt
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements-dev-nodeps.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -47,6 +48,7 @@ bench: setup
 	$(PY) bench/bench_maxsim.py
 	$(PY) bench/bench_serving.py
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_storage.py
 
 # On a GPU machine: its own python3 and torch, no network, no venv. What it lacks comes from
 # wheels/gpu (made by `make gpu-wheels` on a machine with network, copied with the checkout).
@@ -80,7 +82,8 @@ format: setup
 	$(PY) -m ruff check --fix .
 
 lock: setup
-	$(VENV)/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements-dev.lock
+	$(VENV)/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' | grep -v '^fastembed==' \
+		> requirements-dev.lock
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

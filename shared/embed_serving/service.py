@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from fastapi import Response
 
-from embed_serving import scoring
+from embed_serving import fde, pooling, scoring
 from embed_serving.backend import Backend, Prepared, truncate_prepared
 from embed_serving.budget import Budget
 from embed_serving.encoding import (
@@ -46,8 +46,9 @@ INLINE_OUTPUT_FLOATS = 1 << 16
 
 @dataclass
 class Embedded:
-    vectors: list[torch.Tensor]  # per input, input order, CPU float32
+    vectors: list[torch.Tensor]  # per input, input order, CPU float32 (pooled if asked)
     tokens: int
+    fde: torch.Tensor | None = None  # (inputs, FDE dimensions) CPU float32, when asked
 
 
 class EmbeddingService:
@@ -123,6 +124,9 @@ class EmbeddingService:
                     payload[key.replace("embeddings", "embedding_shapes")] = [
                         list(v.shape) for v in vectors
                     ]
+            if kind in results and results[kind].fde is not None:
+                fdes = quantize(to_numpy(results[kind].fde), req.embedding_type)
+                payload[f"{kind}_fde"] = [encode_vector(v, req.encoding_format) for v in fdes]
         if scores is not None:
             payload["scores"] = to_numpy(scores)
             if req.top_k is not None:
@@ -135,15 +139,18 @@ class EmbeddingService:
         self, req: EmbedRequest, embedded: Embedded, model: str
     ) -> dict[str, Any]:
         data = []
+        fdes = None
+        if embedded.fde is not None:
+            fdes = quantize(to_numpy(embedded.fde), req.embedding_type)
         for i, vector in enumerate(embedded.vectors):
-            array = quantize(to_numpy(vector), req.embedding_type)
-            entry: dict[str, Any] = {
-                "object": "embedding",
-                "index": i,
-                "embedding": encode_vector(array, req.encoding_format),
-            }
-            if self.caps.multi_vector:
-                entry["shape"] = list(array.shape)
+            entry: dict[str, Any] = {"object": "embedding", "index": i}
+            if req.return_embeddings:
+                array = quantize(to_numpy(vector), req.embedding_type)
+                entry["embedding"] = encode_vector(array, req.encoding_format)
+                if self.caps.multi_vector:
+                    entry["shape"] = list(array.shape)
+            if fdes is not None:
+                entry["fde"] = encode_vector(fdes[i], req.encoding_format)
             data.append(entry)
         usage = {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens}
         return {"object": "list", "data": data, "model": model, "usage": usage}
@@ -186,7 +193,7 @@ class EmbeddingService:
             prepared = self._prepare(req, labels)
         else:
             prepared = await self._in_pool(lambda: self._prepare(req, labels))
-        self._check_response_size(req, self._rows(prepared), estimated=False)
+        self._check_response_size(req, self._rows(req, prepared), estimated=False)
         # One engine job for the whole request: queries and passages may share micro-batches.
         inputs = [p for kind in prepared for p in prepared[kind]]
         try:
@@ -202,12 +209,61 @@ class EmbeddingService:
                 # Matryoshka: keep the leading dimensions, then re-normalise.
                 vectors = [F.normalize(v[..., : req.dimensions], dim=-1) for v in vectors]
             results[kind] = Embedded(vectors, sum(len(p.input_ids) for p in items))
+        await self._reduce(req, results)
         return results
 
-    def _rows(self, prepared: dict[Kind, list[Prepared]]) -> int:
-        """Vectors in the response: one per token (multi-vector) or one per input."""
+    async def _reduce(self, req: EmbedRequest, results: dict[str, Embedded]) -> None:
+        """Pool the passages (`pool_factor`), then encode FDEs (`fde`) of what is returned:
+        the pooled vectors when pooling was asked, the full multi-vectors otherwise."""
+        if req.pool_factor > 1 and "passage" in results:
+            embedded = results["passage"]
+            embedded.vectors = await self._pool_passages(embedded.vectors, req.pool_factor)
+        if req.fde is not None:
+            device, params = self.backend.device, req.fde
+            for kind, embedded in results.items():
+                vectors, document = embedded.vectors, kind == "passage"
+                embedded.fde = await self._on_device(
+                    lambda v=vectors, d=document: fde.encode(v, params, document=d, device=device)
+                )
+
+    async def _pool_passages(
+        self, vectors: list[torch.Tensor], pool_factor: int
+    ) -> list[torch.Tensor]:
+        """Token pooling of each passage (see pooling.py). The distances are one GEMM: on the
+        engine thread when the model is on a GPU (milliseconds there), in the prepare pool on
+        a CPU deployment (where the engine thread would only do the same CPU work while
+        holding up the next batch). Ward's merges always run in the prepare pool. At most
+        PREPARE_THREADS + 1 distance matrices (n^2 float64 each) are held per request."""
+        device = self.backend.device
+        distances_on = self._in_pool if device.type == "cpu" else self._on_device
+        out = list(vectors)
+        room = asyncio.Semaphore(self.settings.prepare_threads + 1)
+
+        async def one(i: int, v: torch.Tensor) -> None:
+            if pooling.clusters(v.shape[0], pool_factor) >= v.shape[0]:
+                return
+            async with room:
+                d = await distances_on(lambda: pooling.row_distances(v, device))
+                out[i] = await self._in_pool(lambda: pooling.pool_with_distances(v, d, pool_factor))
+
+        await asyncio.gather(*(one(i, v) for i, v in enumerate(vectors)))
+        return out
+
+    def _kept(self, kind: str, tokens: int, req: EmbedRequest) -> int:
+        """Vectors returned for an input of `tokens` tokens: pooled passages keep
+        n // pool_factor of them."""
+        if kind == "passage" and req.pool_factor > 1:
+            return pooling.clusters(tokens, req.pool_factor)
+        return tokens
+
+    def _rows(self, req: EmbedRequest, prepared: dict[Kind, list[Prepared]]) -> int:
+        """Vectors in the response: one per token kept (multi-vector) or one per input."""
         if self.caps.multi_vector:
-            return sum(len(p.input_ids) for items in prepared.values() for p in items)
+            return sum(
+                self._kept(kind, len(p.input_ids), req)
+                for kind, items in prepared.items()
+                for p in items
+            )
         return sum(len(items) for items in prepared.values())
 
     def _rows_from_characters(self, req: EmbedRequest) -> int:
@@ -222,15 +278,20 @@ class EmbeddingService:
         rows = 0
         for kind, items in (("query", req.queries), ("passage", req.passages)):
             limit = self.settings.max_tokens[kind]
-            rows += sum(min(limit, max(1, -(-len(item.text or "") // per))) for item in items)
+            rows += sum(
+                self._kept(kind, min(limit, max(1, -(-len(item.text or "") // per))), req)
+                for item in items
+            )
         return rows
 
     def _check_response_size(self, req: EmbedRequest, rows: int, estimated: bool) -> None:
         """Refuse, before any model work, a response bigger than MAX_RESPONSE_BYTES: its size
-        follows from the rows (`_rows`), the width and the encoding, and the whole of it would
-        be built in host memory."""
+        follows from the rows (`_rows`), the width, the FDEs and the encoding, and the whole of
+        it would be built in host memory."""
         width = req.dimensions or self.caps.dimension
         values = rows * width if req.return_embeddings else 0
+        if req.fde is not None:
+            values += req.fde.dimensions() * (len(req.queries) + len(req.passages))
         size = response_bytes(values, req.encoding_format, req.embedding_type)
         if req.compute_scores:
             size += 16 * len(req.queries) * len(req.passages)
@@ -366,6 +427,5 @@ class EmbeddingService:
 
 
 def _vectors(arg: Embedded | dict[str, Embedded]) -> list[torch.Tensor]:
-    if isinstance(arg, Embedded):
-        return arg.vectors
-    return [v for e in arg.values() for v in e.vectors]
+    embedded = [arg] if isinstance(arg, Embedded) else list(arg.values())
+    return [v for e in embedded for v in (*e.vectors, *([e.fde] if e.fde is not None else []))]

@@ -102,6 +102,11 @@ class Settings:
     # (from its opening or its previous response) is closed.
     idle_timeout_s: float = 20.0
     default_input_type: str = "query"  # DEFAULT_INPUT_TYPE: query / passage / required
+    # colembed passages: POOL_FACTOR when a request sends no `pool_factor` (1 = no pooling),
+    # MAX_POOL_FACTOR the largest one accepted, MAX_FDE_DIMENSIONS the largest MUVERA encoding.
+    pool_factor: int = 1
+    max_pool_factor: int = 16
+    max_fde_dimensions: int = 65536
     images: ImageLimits = field(default_factory=ImageLimits)
 
     @classmethod
@@ -148,6 +153,9 @@ class Settings:
             body_timeout_s=_env_float("REQUEST_BODY_TIMEOUT_S", 30.0, maximum=3600),
             idle_timeout_s=_env_float("CONNECTION_IDLE_TIMEOUT_S", 20.0, maximum=3600),
             default_input_type=_env_choice("DEFAULT_INPUT_TYPE", "query", DEFAULT_INPUT_TYPES),
+            max_pool_factor=(max_pool := _env_int("MAX_POOL_FACTOR", 16, maximum=1024)),
+            pool_factor=_env_int("POOL_FACTOR", 1, maximum=max_pool),
+            max_fde_dimensions=_env_int("MAX_FDE_DIMENSIONS", 65536, maximum=1 << 20),
             images=ImageLimits(
                 max_bytes=(
                     max_image := _env_int("IMAGE_MAX_BYTES", ImageLimits.max_bytes, maximum=GIB)
