@@ -73,7 +73,7 @@ async def run_index(args: argparse.Namespace) -> int:
         print(
             f"{report.embedded} pages embedded, {report.skipped} already indexed, "
             f"{len(report.failed)} skipped as unreadable or refused, {report.retries} retries; "
-            f"{rate:.1f} pages/s. The index holds {total} pages."
+            f"{rate:.1f} pages/s. The index holds {total} page(s)."
         )
     return 0
 

@@ -115,6 +115,7 @@ async def index_folder(
                     page = await loop.run_in_executor(render, next, pages, None)
                 except (Unreadable, OSError) as e:
                     fail(source.rel, str(e))
+                    report.pages -= n - seen  # counts the pages of readable files
                     bar.update(n - seen)
                     break
                 if page is None:

@@ -5,12 +5,13 @@ ANN-friendly single vector), then ColBERT MaxSim on the stored multi-vectors ran
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .client import Embedding
-from .store import PageRecord, Store
+from .store import SCAN_BATCH, PageRecord, Store
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,18 @@ def rerank(query: np.ndarray, records: list[PageRecord], k: int) -> list[Hit]:
 
 
 def search(store: Store, query: Embedding, k: int, candidates: int) -> list[Hit]:
-    return rerank(query.vectors, store.nearest(query.fde, max(k, candidates)), k)
+    keys = store.nearest(query.fde, max(k, candidates))
+    chunks = (store.fetch(keys[i : i + SCAN_BATCH]) for i in range(0, len(keys), SCAN_BATCH))
+    return _top(query, chunks, k)
 
 
 def exact_search(store: Store, query: Embedding, k: int) -> list[Hit]:
+    return _top(query, store.scan(), k)
+
+
+def _top(query: Embedding, chunks: Iterable[list[PageRecord]], k: int) -> list[Hit]:
     best: list[Hit] = []  # bounded: only the current top-k are kept while pages stream by
-    for records in store.scan():
+    for records in chunks:
         best = sorted(best + rerank(query.vectors, records, k), key=_order)[:k]
     return best
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -28,6 +29,9 @@ import numpy as np
 
 STORES = ("lancedb", "qdrant")
 TABLE = "pages"
+# Pages read at once when scoring: a colembed-3b page is ~20 MB of float32 vectors unpooled,
+# so this bounds a search's memory to a few hundred MB whatever the index size.
+SCAN_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,15 @@ class Store(Protocol):
         """Drop pages of `file` numbered above `last_page` (the file got shorter)."""
         ...
 
-    def nearest(self, fde: np.ndarray, n: int) -> list[PageRecord]:
-        """The `n` pages whose FDE has the highest dot product with `fde`, with vectors."""
+    def nearest(self, fde: np.ndarray, n: int) -> list[PageKey]:
+        """The `n` pages whose FDE has the highest dot product with `fde`, best first."""
         ...
 
-    def scan(self, batch: int = 256) -> Iterator[list[PageRecord]]:
+    def fetch(self, keys: Sequence[PageKey]) -> list[PageRecord]:
+        """These pages with their vectors (a page is ~20 MB unpooled: ask for a few)."""
+        ...
+
+    def scan(self, batch: int = SCAN_BATCH) -> Iterator[list[PageRecord]]:
         """Every page with its vectors, `batch` at a time (for exact search)."""
         ...
 
@@ -100,8 +108,22 @@ def page_id(file: str, page: int) -> str:
     return hashlib.sha256(f"{file}\0{page}".encode()).hexdigest()
 
 
+def _point_id(file: str, page: int) -> str:
+    return str(uuid.UUID(hex=page_id(file, page)[:32]))  # Qdrant ids: integers or UUIDs
+
+
+_KEY_COLUMNS = ("file", "page", "sha256", "source_sha256")
+
+
+def _key(row: dict[str, Any]) -> PageKey:
+    return PageKey(*(row[c] for c in _KEY_COLUMNS))
+
+
 class LanceStore:
     def __init__(self, path: Path) -> None:
+        # Lance's native logger warns on stderr that a new table "will be created"; errors
+        # still show. LANCE_LOG set by the user wins.
+        os.environ.setdefault("LANCE_LOG", "error")
         import lancedb
 
         self._db = lancedb.connect(str(path))
@@ -113,9 +135,8 @@ class LanceStore:
     def catalog(self) -> dict[tuple[str, int], PageKey]:
         if self._table is None:
             return {}
-        cols = ["file", "page", "sha256", "source_sha256"]
-        rows = self._table.search().select(cols).limit(None).to_arrow().to_pylist()
-        return {(r["file"], r["page"]): PageKey(**r) for r in rows}
+        query = self._table.search().select(list(_KEY_COLUMNS)).limit(None)
+        return {(r["file"], r["page"]): _key(r) for r in query.to_arrow().to_pylist()}
 
     def upsert(self, records: Sequence[PageRecord]) -> None:
         import pyarrow as pa
@@ -165,14 +186,21 @@ class LanceStore:
             quoted = file.replace("'", "''")
             self._table.delete(f"file = '{quoted}' AND page > {int(last_page)}")
 
-    def nearest(self, fde: np.ndarray, n: int) -> list[PageRecord]:
+    def nearest(self, fde: np.ndarray, n: int) -> list[PageKey]:
         if self._table is None:
             return []
         query = self._table.search(np.asarray(fde, np.float32), vector_column_name="fde")
-        table = query.distance_type("dot").limit(n).to_arrow()
-        return [self._record(row) for row in table.to_pylist()]
+        query = query.distance_type("dot").select([*_KEY_COLUMNS, "_distance"]).limit(n)
+        return [_key(row) for row in query.to_arrow().to_pylist()]
 
-    def scan(self, batch: int = 256) -> Iterator[list[PageRecord]]:
+    def fetch(self, keys: Sequence[PageKey]) -> list[PageRecord]:
+        if self._table is None or not keys:
+            return []
+        ids = ", ".join(f"'{page_id(k.file, k.page)}'" for k in keys)  # hex: nothing to quote
+        rows = self._table.search().where(f"id IN ({ids})").limit(None).to_arrow().to_pylist()
+        return [self._record(row) for row in rows]
+
+    def scan(self, batch: int = SCAN_BATCH) -> Iterator[list[PageRecord]]:
         if self._table is None:
             return
         for chunk in self._table.search().limit(None).to_batches(batch):
@@ -186,9 +214,8 @@ class LanceStore:
 
     @staticmethod
     def _record(row: dict[str, Any]) -> PageRecord:
-        key = PageKey(row["file"], row["page"], row["sha256"], row["source_sha256"])
         vectors = np.frombuffer(row["vectors"], "<f4").reshape(row["tokens"], row["dim"])
-        return PageRecord(key, np.asarray(row["fde"], np.float32), vectors)
+        return PageRecord(_key(row), np.asarray(row["fde"], np.float32), vectors)
 
 
 class QdrantStore:
@@ -243,7 +270,7 @@ class QdrantStore:
             self._create(len(records[0].fde), records[0].vectors.shape[1])
         points = [
             models.PointStruct(
-                id=str(uuid.UUID(hex=page_id(r.key.file, r.key.page)[:32])),
+                id=_point_id(r.key.file, r.key.page),
                 vector={"fde": r.fde.tolist(), "mv": r.vectors.tolist()},
                 payload=asdict(r.key),
             )
@@ -266,20 +293,22 @@ class QdrantStore:
         )
         self._client.delete(TABLE, points_selector=selector)
 
-    def nearest(self, fde: np.ndarray, n: int) -> list[PageRecord]:
+    def nearest(self, fde: np.ndarray, n: int) -> list[PageKey]:
         if not self._ready:
             return []
         result = self._client.query_points(
-            TABLE,
-            query=np.asarray(fde, np.float32).tolist(),
-            using="fde",
-            limit=n,
-            with_payload=True,
-            with_vectors=True,
+            TABLE, query=np.asarray(fde, np.float32).tolist(), using="fde", limit=n
         )
-        return [self._record(p) for p in result.points]
+        return [PageKey(**p.payload) for p in result.points]
 
-    def scan(self, batch: int = 256) -> Iterator[list[PageRecord]]:
+    def fetch(self, keys: Sequence[PageKey]) -> list[PageRecord]:
+        if not self._ready or not keys:
+            return []
+        ids = [_point_id(k.file, k.page) for k in keys]
+        points = self._client.retrieve(TABLE, ids, with_payload=True, with_vectors=True)
+        return [self._record(p) for p in points]
+
+    def scan(self, batch: int = SCAN_BATCH) -> Iterator[list[PageRecord]]:
         if not self._ready:
             return
         offset = None
