@@ -21,12 +21,13 @@ help:
 	@echo "                                  attention paths, MaxSim, NV-Embed at 32k, bf16 conformance"
 	@echo "make push MODEL=<dir> / make watch MODEL=<dir>   truss push --publish / truss watch"
 
-$(VENV)/.installed: requirements-dev.lock
+$(VENV)/.installed: requirements-dev.lock requirements-dev-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch first, pinned, so that nothing else can pull a (CUDA) build of its own choice.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
 	$(VENV)/bin/pip install --quiet -r requirements-dev.lock -c constraints.txt
+	$(VENV)/bin/pip install --quiet --no-deps -r requirements-dev-nodeps.txt
 	touch $@
 
 setup: $(VENV)/.installed
@@ -56,7 +57,7 @@ bench: setup
 # On a GPU machine: its own python3 and torch, no network, no venv. What it lacks comes from
 # wheels/gpu (made by `make gpu-wheels` on a machine with network, copied with the checkout).
 GPU_PYTHON ?= python3
-GOLDEN ?= ../shared/golden
+GOLDEN ?= tests/golden
 GPU_PYTHONS ?= 3.11,3.12,3.13
 
 gpu-wheels: setup
@@ -66,10 +67,8 @@ gpu-wheels: setup
 bench-gpu:
 	@status=0; \
 	$(GPU_PYTHON) tools/gpu_env.py bench/bench_gpu.py --json build/bench_gpu.json || status=1; \
-	if [ -d "$(GOLDEN)" ]; then \
-		$(GPU_PYTHON) tools/gpu_env.py bench/gpu_conformance.py --golden $(GOLDEN) \
-			--json build/gpu_conformance.json || status=1; \
-	else echo "bench-gpu: no golden fixtures at $(GOLDEN), conformance skipped (GOLDEN=<dir>)"; fi; \
+	$(GPU_PYTHON) tools/gpu_env.py bench/gpu_conformance.py --golden $(GOLDEN) \
+		--json build/gpu_conformance.json || status=1; \
 	exit $$status
 
 push: setup
@@ -87,7 +86,8 @@ format: setup
 	$(PY) -m ruff check --fix .
 
 lock: setup
-	$(VENV)/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' > requirements-dev.lock
+	$(VENV)/bin/pip freeze | sed 's/^torch==\(.*\)+cpu/torch==\1/' | grep -v '^fastembed==' \
+		> requirements-dev.lock
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

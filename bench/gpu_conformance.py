@@ -1,6 +1,6 @@
 """bf16 conformance: the golden fixtures run in float32 and in bfloat16 on one device.
 
-The golden outputs (../shared/golden, NVIDIA's official code in float32) are the reference. For
+The golden outputs (tests/golden, NVIDIA's official code in float32) are the reference. For
 each model and dtype this reports the largest absolute deviation of any embedding component,
 the smallest cosine similarity of any vector (ColEmbed: any token vector) to its reference,
 and for ColEmbed how well the MaxSim scores and the passage ranking each query gets agree with
@@ -10,7 +10,7 @@ The tolerance a bf16 deployment is held to (`BF16_TOLERANCE`) is checked by
 tests/test_gpu_conformance.py on CUDA, and on the CPU by the same test (bf16 on the CPU is
 slow but the golden checkpoints are tiny).
 
-Run: python bench/gpu_conformance.py [--golden ../shared/golden] [--device cuda]
+Run: python bench/gpu_conformance.py [--golden tests/golden] [--device cuda]
      [--dtypes float32,bfloat16] [--json out.json]
 """
 
@@ -34,7 +34,7 @@ from embed_serving.models.colembed import load_colembed  # noqa: E402
 from embed_serving.models.llama import BidirectionalLlama, llama_config, mean_pool  # noqa: E402
 from embed_serving.models.nvembed import encode_texts, load_nvembed  # noqa: E402
 
-DEFAULT_GOLDEN = ROOT.parent / "shared" / "golden"
+DEFAULT_GOLDEN = ROOT / "tests" / "golden"
 MODELS = ("embedqa-1b-v2", "nv-embed-v2", "colembed-3b")
 
 # What a bf16 run must reproduce of the float32 reference. bf16 keeps 8 significant bits

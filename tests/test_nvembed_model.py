@@ -24,7 +24,7 @@ from embed_serving.models.nvembed import (
     write_tiny_checkpoint,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "nv-embed-v2"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "nv-embed-v2"
 CHECKPOINT = GOLDEN / "checkpoint"
 CPU = torch.device("cpu")
 CASES = json.loads((GOLDEN / "cases.json").read_text(encoding="utf-8"))

@@ -1,4 +1,4 @@
-"""Dynamic tiling against the pinned reference vectors in ../shared/golden/colembed-3b."""
+"""Dynamic tiling against the pinned reference vectors in tests/golden/colembed-3b."""
 
 from __future__ import annotations
 
@@ -13,18 +13,12 @@ from PIL import Image
 
 from embed_serving.tiling import choose_grid, image_to_pixel_values, tile_image
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "colembed-3b" / "tiling.json"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "colembed-3b" / "tiling.json"
 TOL = 1e-3
 
 
-def _load() -> dict[str, Any]:
-    if not GOLDEN.is_file():
-        return {"grids": [], "pixels": []}
-    return json.loads(GOLDEN.read_text())
-
-
-REFERENCE = _load()
-needs_golden = pytest.mark.skipif(not GOLDEN.is_file(), reason=f"{GOLDEN} not present")
+# The fixture is part of the repository: a missing file fails collection, it never skips.
+REFERENCE: dict[str, Any] = json.loads(GOLDEN.read_text())
 
 
 def _case_id(case: dict[str, Any]) -> str:
@@ -43,7 +37,6 @@ def _pattern_image(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(((base + noise) % 256).astype(np.uint8), mode="RGB")
 
 
-@needs_golden
 @pytest.mark.parametrize("case", REFERENCE["grids"], ids=_case_id)
 def test_grid_matches_reference(case: dict[str, Any]) -> None:
     grid = choose_grid(
@@ -60,7 +53,6 @@ def test_grid_matches_reference(case: dict[str, Any]) -> None:
     assert all(t.size == (case["image_size"], case["image_size"]) for t in tiles)
 
 
-@needs_golden
 @pytest.mark.parametrize("case", REFERENCE["pixels"], ids=_case_id)
 def test_pixels_match_reference(case: dict[str, Any]) -> None:
     image = _pattern_image(case["width"], case["height"], case["pattern_seed"])
@@ -84,8 +76,6 @@ def test_pixels_match_reference(case: dict[str, Any]) -> None:
 
 def test_reference_file_has_cases() -> None:
     # Guards against the parametrised tests silently collecting nothing in CI.
-    if not GOLDEN.is_file():
-        pytest.skip(f"{GOLDEN} not present")
     assert len(REFERENCE["grids"]) >= 50
     assert len(REFERENCE["pixels"]) >= 3
 

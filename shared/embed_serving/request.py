@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from embed_serving import fde
 from embed_serving.errors import RequestError, show
 from embed_serving.images import ImageSource
 from embed_serving.settings import Settings
@@ -59,6 +60,8 @@ class EmbedRequest:
     compute_scores: bool = False
     top_k: int | None = None
     batch_size: int | None = None
+    pool_factor: int = 1  # multi-vector passages only; 1 = not pooled (see pooling.py)
+    fde: fde.FdeParams | None = None  # MUVERA encodings asked for (see fde.py)
     # The request field each kind came in (`queries`, `query`, `documents`, `input`, ...), for
     # messages that must name the client's own field.
     fields: dict[str, str] = field(
@@ -236,6 +239,80 @@ def _check_common(
         if len(instruction) > 2000:
             raise RequestError(f"`instruction` is {len(instruction)} characters, the limit is 2000")
         req.instruction = instruction
+    _check_reductions(body, req, caps, settings)
+
+
+def _check_reductions(
+    body: dict[str, Any], req: EmbedRequest, caps: ModelCaps, settings: Settings
+) -> None:
+    """`pool_factor` and `fde`: multi-vector (colembed) only."""
+    pool_factor = body.get("pool_factor")
+    if pool_factor is not None:
+        if not caps.multi_vector:
+            raise RequestError(
+                f"`pool_factor` is not supported by {caps.name}: it pools the token vectors of "
+                "multi-vector passages (colembed-3b)",
+                param="pool_factor",
+            )
+        if isinstance(pool_factor, bool) or not isinstance(pool_factor, int) or pool_factor < 1:
+            raise RequestError(
+                f"`pool_factor` must be a positive integer (1 = no pooling), got "
+                f"{show(pool_factor)}",
+                param="pool_factor",
+            )
+        if pool_factor > settings.max_pool_factor:
+            raise RequestError(
+                f"`pool_factor` is {pool_factor}, the limit is {settings.max_pool_factor} "
+                "(MAX_POOL_FACTOR)",
+                param="pool_factor",
+            )
+        req.pool_factor = pool_factor
+    elif caps.multi_vector:
+        req.pool_factor = settings.pool_factor
+    raw = body.get("fde")
+    if raw is None or raw is False:
+        return
+    if not caps.multi_vector:
+        raise RequestError(
+            f"`fde` is not supported by {caps.name}: MUVERA encodes multi-vectors (colembed-3b)",
+            param="fde",
+        )
+    if raw is True:
+        params = fde.FdeParams()
+    elif isinstance(raw, dict):
+        unknown = sorted(set(raw) - {"k_sim", "dim_proj", "r_reps", "seed"})
+        if unknown:
+            raise RequestError(f"`fde`: unknown field(s) {_names(unknown)}", param="fde")
+        values = {}
+        limits = {
+            "k_sim": (1, fde.MAX_K_SIM),
+            "dim_proj": (1, min(fde.MAX_DIM_PROJ, caps.dimension)),
+            "r_reps": (1, fde.MAX_R_REPS),
+            "seed": (0, 2**63 - 1),
+        }
+        for name, (low, high) in limits.items():
+            if name not in raw:
+                continue
+            value = raw[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise RequestError(
+                    f"`fde.{name}` must be an integer from {low} to {high}, got {show(value)}",
+                    param="fde",
+                )
+            values[name] = value
+        params = fde.FdeParams(**values)
+    else:
+        raise RequestError(
+            f"`fde` must be true or an object {{k_sim, dim_proj, r_reps, seed}}, got {_kind(raw)}",
+            param="fde",
+        )
+    if params.dimensions() > settings.max_fde_dimensions:
+        raise RequestError(
+            f"`fde` would have r_reps x 2^k_sim x dim_proj = {params.dimensions()} dimensions, "
+            f"the limit is {settings.max_fde_dimensions} (MAX_FDE_DIMENSIONS)",
+            param="fde",
+        )
+    req.fde = params
 
 
 def parse_predict(body: Any, caps: ModelCaps, settings: Settings) -> EmbedRequest:
@@ -244,7 +321,7 @@ def parse_predict(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReques
     known = {
         "queries", "passages", "query", "documents", "batch_size", "compute_scores",
         "instruction", "dimensions", "truncate", "encoding_format", "return_embeddings",
-        "top_k", "model", "embedding_type",
+        "top_k", "model", "embedding_type", "pool_factor", "fde",
     }  # fmt: skip
     unknown = sorted(set(body) - known)
     if unknown:
@@ -278,9 +355,11 @@ def parse_predict(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReques
         raise RequestError("`top_k` needs `compute_scores: true`")
     if req.compute_scores and not (req.queries and req.passages):
         raise RequestError("`compute_scores` needs both queries and passages")
-    if not req.return_embeddings and not req.compute_scores:
-        raise RequestError("nothing to return: `return_embeddings` is false and no scores asked")
     _check_common(body, req, caps, settings)
+    if not req.return_embeddings and not req.compute_scores and req.fde is None:
+        raise RequestError(
+            "nothing to return: `return_embeddings` is false and neither scores nor `fde` asked"
+        )
     return req
 
 
@@ -362,7 +441,7 @@ def parse_embeddings(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReq
         raise RequestError(f"the request body must be a JSON object, got {_kind(body)}")
     known = {
         "input", "model", "input_type", "encoding_format", "truncate", "dimensions", "user",
-        "instruction", "embedding_type", "modality",
+        "instruction", "embedding_type", "modality", "pool_factor", "fde", "return_embeddings",
     }  # fmt: skip
     unknown = sorted(set(body) - known)
     if unknown:
@@ -422,5 +501,8 @@ def parse_embeddings(body: Any, caps: ModelCaps, settings: Settings) -> EmbedReq
         req.passages = items
     req.encoding_format = _check_choice(body, "encoding_format", ENCODING_FORMATS, "float")
     req.truncate = _check_choice(body, "truncate", TRUNCATE_VALUES, "NONE")
+    req.return_embeddings = _check_bool(body, "return_embeddings", True)
     _check_common(body, req, caps, settings)
+    if not req.return_embeddings and req.fde is None:
+        raise RequestError("nothing to return: `return_embeddings` is false and no `fde` asked")
     return req

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from fastapi import Response
 
-from embed_serving import scoring
+from embed_serving import fde, pooling, scoring
 from embed_serving.backend import Backend, Prepared, truncate_prepared
 from embed_serving.budget import Budget
 from embed_serving.encoding import (
@@ -46,8 +46,9 @@ INLINE_OUTPUT_FLOATS = 1 << 16
 
 @dataclass
 class Embedded:
-    vectors: list[torch.Tensor]  # per input, input order, CPU float32
+    vectors: list[torch.Tensor]  # per input, input order, CPU float32 (pooled if asked)
     tokens: int
+    fde: torch.Tensor | None = None  # (inputs, FDE dimensions) CPU float32, when asked
 
 
 class EmbeddingService:
@@ -118,6 +119,9 @@ class EmbeddingService:
                     payload[key.replace("embeddings", "embedding_shapes")] = [
                         list(v.shape) for v in vectors
                     ]
+            if kind in results and results[kind].fde is not None:
+                fdes = quantize(to_numpy(results[kind].fde), req.embedding_type)
+                payload[f"{kind}_fde"] = [encode_vector(v, req.encoding_format) for v in fdes]
         if scores is not None:
             payload["scores"] = to_numpy(scores)
             if req.top_k is not None:
@@ -130,15 +134,18 @@ class EmbeddingService:
         self, req: EmbedRequest, embedded: Embedded, model: str
     ) -> dict[str, Any]:
         data = []
+        fdes = None
+        if embedded.fde is not None:
+            fdes = quantize(to_numpy(embedded.fde), req.embedding_type)
         for i, vector in enumerate(embedded.vectors):
-            array = quantize(to_numpy(vector), req.embedding_type)
-            entry: dict[str, Any] = {
-                "object": "embedding",
-                "index": i,
-                "embedding": encode_vector(array, req.encoding_format),
-            }
-            if self.caps.multi_vector:
-                entry["shape"] = list(array.shape)
+            entry: dict[str, Any] = {"object": "embedding", "index": i}
+            if req.return_embeddings:
+                array = quantize(to_numpy(vector), req.embedding_type)
+                entry["embedding"] = encode_vector(array, req.encoding_format)
+                if self.caps.multi_vector:
+                    entry["shape"] = list(array.shape)
+            if fdes is not None:
+                entry["fde"] = encode_vector(fdes[i], req.encoding_format)
             data.append(entry)
         usage = {"prompt_tokens": embedded.tokens, "total_tokens": embedded.tokens}
         return {"object": "list", "data": data, "model": model, "usage": usage}
@@ -193,7 +200,45 @@ class EmbeddingService:
                 # Matryoshka: keep the leading dimensions, then re-normalise.
                 vectors = [F.normalize(v[..., : req.dimensions], dim=-1) for v in vectors]
             results[kind] = Embedded(vectors, sum(len(p.input_ids) for p in items))
+        await self._reduce(req, results)
         return results
+
+    async def _reduce(self, req: EmbedRequest, results: dict[str, Embedded]) -> None:
+        """Pool the passages (`pool_factor`), then encode FDEs (`fde`) of what is returned:
+        the pooled vectors when pooling was asked, the full multi-vectors otherwise."""
+        if req.pool_factor > 1 and "passage" in results:
+            embedded = results["passage"]
+            embedded.vectors = await self._pool_passages(embedded.vectors, req.pool_factor)
+        if req.fde is not None:
+            device, params = self.backend.device, req.fde
+            for kind, embedded in results.items():
+                vectors, document = embedded.vectors, kind == "passage"
+                embedded.fde = await self._on_device(
+                    lambda v=vectors, d=document: fde.encode(v, params, document=d, device=device)
+                )
+
+    async def _pool_passages(
+        self, vectors: list[torch.Tensor], pool_factor: int
+    ) -> list[torch.Tensor]:
+        """Token pooling of each passage (see pooling.py). The distances are one GEMM: on the
+        engine thread when the model is on a GPU (milliseconds there), in the prepare pool on
+        a CPU deployment (where the engine thread would only do the same CPU work while
+        holding up the next batch). Ward's merges always run in the prepare pool. At most
+        PREPARE_THREADS + 1 distance matrices (n^2 float64 each) are held per request."""
+        device = self.backend.device
+        distances_on = self._in_pool if device.type == "cpu" else self._on_device
+        out = list(vectors)
+        room = asyncio.Semaphore(self.settings.prepare_threads + 1)
+
+        async def one(i: int, v: torch.Tensor) -> None:
+            if pooling.clusters(v.shape[0], pool_factor) >= v.shape[0]:
+                return
+            async with room:
+                d = await distances_on(lambda: pooling.row_distances(v, device))
+                out[i] = await self._in_pool(lambda: pooling.pool_with_distances(v, d, pool_factor))
+
+        await asyncio.gather(*(one(i, v) for i, v in enumerate(vectors)))
+        return out
 
     def _check_response_size(
         self, req: EmbedRequest, prepared: dict[Kind, list[Prepared]]
@@ -204,10 +249,16 @@ class EmbeddingService:
         width = req.dimensions or self.caps.dimension
         values = 0
         if req.return_embeddings:
-            for items in prepared.values():
-                multi = self.caps.multi_vector
-                rows = sum(len(p.input_ids) for p in items) if multi else len(items)
+            for kind, items in prepared.items():
+                if not self.caps.multi_vector:
+                    rows = len(items)
+                elif kind == "passage":  # pooled passages keep n // pool_factor vectors
+                    rows = sum(pooling.clusters(len(p.input_ids), req.pool_factor) for p in items)
+                else:
+                    rows = sum(len(p.input_ids) for p in items)
                 values += rows * width
+        if req.fde is not None:
+            values += req.fde.dimensions() * sum(len(items) for items in prepared.values())
         size = response_bytes(values, req.encoding_format, req.embedding_type)
         if req.compute_scores:
             size += 16 * len(req.queries) * len(req.passages)
@@ -335,6 +386,5 @@ class EmbeddingService:
 
 
 def _vectors(arg: Embedded | dict[str, Embedded]) -> list[torch.Tensor]:
-    if isinstance(arg, Embedded):
-        return arg.vectors
-    return [v for e in arg.values() for v in e.vectors]
+    embedded = [arg] if isinstance(arg, Embedded) else list(arg.values())
+    return [v for e in embedded for v in (*e.vectors, *([e.fde] if e.fde is not None else []))]

@@ -91,6 +91,11 @@ class Settings:
     # before tokenising, so a 20 MB string costs a length check, not 30 s of tokeniser time.
     chars_per_token: int = 16
     default_input_type: str = "query"  # DEFAULT_INPUT_TYPE: query / passage / required
+    # colembed passages: POOL_FACTOR when a request sends no `pool_factor` (1 = no pooling),
+    # MAX_POOL_FACTOR the largest one accepted, MAX_FDE_DIMENSIONS the largest MUVERA encoding.
+    pool_factor: int = 1
+    max_pool_factor: int = 16
+    max_fde_dimensions: int = 65536
     images: ImageLimits = field(default_factory=ImageLimits)
 
     @classmethod
@@ -128,6 +133,9 @@ class Settings:
             max_response_bytes=_env_int("MAX_RESPONSE_BYTES", 256 << 20, minimum=1024),
             chars_per_token=_env_int("INPUT_CHARS_PER_TOKEN", 16, maximum=1 << 20),
             default_input_type=_env_choice("DEFAULT_INPUT_TYPE", "query", DEFAULT_INPUT_TYPES),
+            max_pool_factor=(max_pool := _env_int("MAX_POOL_FACTOR", 16, maximum=1024)),
+            pool_factor=_env_int("POOL_FACTOR", 1, maximum=max_pool),
+            max_fde_dimensions=_env_int("MAX_FDE_DIMENSIONS", 65536, maximum=1 << 20),
             images=ImageLimits(
                 max_bytes=_env_int("IMAGE_MAX_BYTES", ImageLimits.max_bytes),
                 max_pixels=(max_pixels := _env_int("IMAGE_MAX_PIXELS", ImageLimits.max_pixels)),
