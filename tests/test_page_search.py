@@ -65,26 +65,33 @@ def good_pages(docs: Path) -> list[Page]:
     return pages
 
 
-@pytest.fixture(scope="module")
-def server_ranking(server, good_pages: list[Page]) -> list[tuple[str, int, float]]:
-    """The server's own MaxSim ranking of every good page for QUERY (compute_scores)."""
-    passages = [
-        {"type": "image", "content": base64.b64encode(p.image).decode()} for p in good_pages
-    ]
-    r = server.predict(
-        {
-            "queries": [QUERY],
-            "passages": passages,
-            "compute_scores": True,
-            "return_embeddings": False,
-        }
-    )
+def server_answer(server, pages: list[Page], **extra: object) -> dict:
+    """One predict of QUERY against `pages`: scores, FDEs and multi-vectors (base64)."""
+    passages = [{"type": "image", "content": base64.b64encode(p.image).decode()} for p in pages]
+    body = {"queries": [QUERY], "passages": passages, "compute_scores": True, "fde": True}
+    r = server.predict({**body, "encoding_format": "base64", **extra})
     assert r.status_code == 200, r.text
-    scores = r.json()["scores"][0]
-    ranked = sorted(
-        zip(good_pages, scores, strict=True), key=lambda x: (-x[1], x[0].file, x[0].page)
-    )
+    return r.json()
+
+
+def ranking(pages: list[Page], scores: list[float]) -> list[tuple[str, int, float]]:
+    ranked = sorted(zip(pages, scores, strict=True), key=lambda x: (-x[1], x[0].file, x[0].page))
     return [(p.file, p.page, s) for p, s in ranked]
+
+
+def floats(b64: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(b64), "<f4")
+
+
+@pytest.fixture(scope="module")
+def server_pages(server, good_pages: list[Page]) -> dict:
+    return server_answer(server, good_pages)
+
+
+@pytest.fixture(scope="module")
+def server_ranking(server_pages: dict, good_pages: list[Page]) -> list[tuple[str, int, float]]:
+    """The server's own MaxSim ranking of every good page for QUERY (compute_scores)."""
+    return ranking(good_pages, server_pages["scores"][0])
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> object:
@@ -107,7 +114,9 @@ def assert_ranking(hits: list[dict], want: list[tuple[str, int, float]]) -> None
     assert np.allclose([h["score"] for h in hits], [s for *_, s in want[: len(hits)]], atol=1e-4)
 
 
-def test_index_kill_resume_and_search(server, docs, good_pages, server_ranking, tmp_path, capsys):
+def test_index_kill_resume_and_search(
+    server, docs, good_pages, server_pages, server_ranking, tmp_path, capsys
+):
     db, url = tmp_path / "index", predict_url(server)
     # 1. The CLI as a user runs it, one page per request, killed (SIGKILL: no clean-up at all)
     #    after it has stored 4 pages.
@@ -142,13 +151,22 @@ def test_index_kill_resume_and_search(server, docs, good_pages, server_ranking, 
     assert "not a readable PDF" in failed["broken.pdf"]
     assert "not a readable image" in failed["truncated.png"]
     assert "HTTP 400" in failed["huge.png"] and "IMAGE_MAX_PIXELS" in failed["huge.png"]
-    # Every page exactly once, with the hash of what was embedded.
+    # Every page exactly once, with the hash of what was embedded, and exactly the server's
+    # multi-vector and FDE for it.
     store = LanceStore(db / "lancedb")
     assert store.count() == 11 == report["indexed_total"]
     catalog = store.catalog()
     assert {k: v.sha256 for k, v in catalog.items()} == {
         (p.file, p.page): p.sha256 for p in good_pages
     }
+    records = {(r.key.file, r.key.page): r for chunk in store.scan() for r in chunk}
+    for i, page in enumerate(good_pages):
+        stored = records[(page.file, page.page)]
+        shape = server_pages["passage_embedding_shapes"][i]
+        assert np.array_equal(
+            stored.vectors, floats(server_pages["passage_embeddings"][i]).reshape(shape)
+        )
+        assert np.array_equal(stored.fde, floats(server_pages["passage_fde"][i]))
 
     # 3. A third run finds everything indexed and embeds nothing.
     again = cli(capsys, *index_args(docs, db, url))
@@ -161,11 +179,8 @@ def test_index_kill_resume_and_search(server, docs, good_pages, server_ranking, 
     assert_ranking(cli(capsys, *search, "--exact"), server_ranking)
     # With fewer candidates than pages, the candidates are the FDE dot-product top-N of the
     # stored encodings, each reranked with its exact score.
-    r = server.predict({"queries": [QUERY], "fde": True, "return_embeddings": False})
-    assert r.status_code == 200, r.text
-    query_fde = np.asarray(r.json()["query_fde"][0], np.float32)
-    records = [rec for chunk in store.scan() for rec in chunk]
-    by_fde = sorted(records, key=lambda rec: -float(rec.fde @ query_fde))[:4]
+    query_fde = floats(server_pages["query_fde"][0])
+    by_fde = sorted(records.values(), key=lambda rec: -float(rec.fde @ query_fde))[:4]
     exact = {(f, p): s for f, p, s in server_ranking}
     want = sorted(
         ((rec.key.file, rec.key.page, exact[(rec.key.file, rec.key.page)]) for rec in by_fde),
@@ -174,32 +189,40 @@ def test_index_kill_resume_and_search(server, docs, good_pages, server_ranking, 
     assert_ranking(cli(capsys, *search[:-1], "3", "--candidates", "4"), want)
 
 
-def test_qdrant_local_store(server, docs, server_ranking, tmp_path, capsys):
-    # The same interface on the other back-end, on a subset: one PDF and one image.
+def test_qdrant_local_store_with_pooling(server, docs, good_pages, tmp_path, capsys):
+    # The same interface on the other back-end, on a subset (one PDF and one image), with the
+    # server pooling each page's vectors (pool_factor 2).
+    names = ("report-2.pdf", "scan-2.jpg")
     subset = tmp_path / "docs"
     subset.mkdir()
-    for name in ("report-2.pdf", "scan-2.jpg"):
+    for name in names:
         (subset / name).write_bytes((docs / name).read_bytes())
+    pages = [p for p in good_pages if p.file in names]
     db, url = tmp_path / "index", predict_url(server)
-    report = cli(capsys, *index_args(subset, db, url, "--store", "qdrant"))
+    args = index_args(subset, db, url, "--store", "qdrant", "--pool-factor", "2")
+    report = cli(capsys, *args)
     assert (report["embedded"], report["indexed_total"], report["failed"]) == (4, 4, [])
-    assert cli(capsys, *index_args(subset, db, url, "--store", "qdrant"))["skipped"] == 4
-    # The store is recorded in the index: search needs no --store. The server's ranking of
-    # all pages, restricted to these, is the ranking to get.
-    want = [x for x in server_ranking if x[0] in ("report-2.pdf", "scan-2.jpg")]
-    search = ["search", QUERY, "--db", str(db), "--url", url, "-k", "3"]
-    assert_ranking(cli(capsys, *search), want)
-    assert_ranking(cli(capsys, *search, "--exact"), want)
+    assert cli(capsys, *args)["skipped"] == 4
+    # The index remembers how it was built: other settings are refused, naming them.
+    assert main([*args[:-1], "1"]) == 1
+    assert "pool_factor=2" in capsys.readouterr().err
+
+    want = server_answer(server, pages, pool_factor=2)
     store = QdrantStore(db / "qdrant")
     try:
-        assert {(k.file, k.page) for k in store.catalog().values()} == {
-            ("report-2.pdf", 1),
-            ("report-2.pdf", 2),
-            ("report-2.pdf", 3),
-            ("scan-2.jpg", 1),
-        }
+        records = {(r.key.file, r.key.page): r for chunk in store.scan() for r in chunk}
     finally:
         store.close()
+    assert set(records) == {(p.file, p.page) for p in pages}
+    for i, page in enumerate(pages):
+        shape = want["passage_embedding_shapes"][i]
+        stored = records[(page.file, page.page)].vectors
+        assert np.array_equal(stored, floats(want["passage_embeddings"][i]).reshape(shape))
+    # Search needs no --store (the index records it) and ranks as compute_scores does on the
+    # pooled pages.
+    search = ["search", QUERY, "--db", str(db), "--url", url, "-k", "3"]
+    assert_ranking(cli(capsys, *search), ranking(pages, want["scores"][0]))
+    assert_ranking(cli(capsys, *search, "--exact"), ranking(pages, want["scores"][0]))
 
 
 class _Flaky(BaseHTTPRequestHandler):

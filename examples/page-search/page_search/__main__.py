@@ -38,9 +38,10 @@ async def run_index(args: argparse.Namespace) -> int:
     wanted = IndexMeta(args.store, asdict(fde), args.pool_factor, args.dpi)
     existing = IndexMeta.read(args.db)
     if existing is not None and existing != wanted:
+        old, new = asdict(existing), asdict(wanted)
+        diff = ", ".join(f"{k}={old[k]} (this run: {new[k]})" for k in old if old[k] != new[k])
         raise ValueError(
-            f"{args.db} was built with {existing}; this run asks for {wanted}. Use the same "
-            "settings to add to it, or another --db."
+            f"{args.db} was built with {diff}; use the same settings to add to it, or another --db"
         )
     wanted.write(args.db)
     store = open_store(args.store, args.db)
