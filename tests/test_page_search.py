@@ -226,8 +226,9 @@ def test_qdrant_local_store_with_pooling(server, docs, good_pages, tmp_path, cap
 
 
 class _Flaky(BaseHTTPRequestHandler):
-    """A loopback proxy that answers 429 then 503 (Retry-After as seconds, then as an HTTP
-    date), then forwards to the real server: the server's back-pressure, on demand."""
+    """A loopback proxy in front of the real server that answers what `answers` says, in turn
+    (None: forward), then forwards: the server's back-pressure (429, 503 with Retry-After as
+    seconds or as an HTTP date), on demand."""
 
     target = ""
     answers: list[tuple[int, str]] = []
@@ -235,8 +236,9 @@ class _Flaky(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.answers:
-            status, retry_after = self.answers.pop(0)
+        answer = self.answers.pop(0) if self.answers else None
+        if answer is not None:
+            status, retry_after = answer
             self.seen.append((time.monotonic(), status))
             if retry_after.startswith("+"):  # an HTTP date that many seconds from now
                 retry_after = email.utils.formatdate(time.time() + float(retry_after), usegmt=True)
@@ -261,7 +263,7 @@ class _Flaky(BaseHTTPRequestHandler):
 @pytest.fixture
 def flaky(server) -> Iterator[type[_Flaky]]:
     handler = type("Flaky", (_Flaky,), {
-        "target": predict_url(server), "answers": [(429, "1"), (503, "+2")], "seen": [],
+        "target": predict_url(server), "answers": [None, (429, "1"), (503, "+2")], "seen": [],
     })  # fmt: skip
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -276,7 +278,18 @@ def test_retries_honour_retry_after(flaky, docs, tmp_path, capsys):
     (one / "scan-1.png").write_bytes((docs / "scan-1.png").read_bytes())
     report = cli(capsys, *index_args(one, tmp_path / "index", flaky.url))
     assert (report["embedded"], report["retries"], report["failed"]) == (1, 2, [])
-    (t429, s429), (t503, s503), (t200, s200) = flaky.seen
+    # The preflight request passes; the page's request gets 429, then 503, then goes through.
+    _, (t429, s429), (t503, s503), (t200, s200) = flaky.seen
     assert (s429, s503, s200) == (429, 503, 200)
     assert t503 - t429 >= 0.95  # "Retry-After: 1"
     assert t200 - t503 >= 0.5  # an HTTP date 2 s ahead (whole seconds: at least 1 s less)
+
+
+def test_settings_the_server_refuses_fail_once(server, docs, tmp_path, capsys):
+    # An FDE parameter out of the server's range: one preflight request says so, and the run
+    # stops before rendering, storing or recording anything (not one 400 per page).
+    db = tmp_path / "index"
+    assert main(index_args(docs, db, predict_url(server), "--fde-k-sim", "11")) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 400" in err and "k_sim" in err
+    assert not db.exists()

@@ -31,9 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     except (Incompatible, Rejected, httpx.HTTPError, ValueError) as e:
         print(f"page-search: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("page-search: interrupted; what was stored stays, re-run to resume", file=sys.stderr)
+        return 130
 
 
 async def run_index(args: argparse.Namespace) -> int:
+    if not args.folder.exists():
+        raise ValueError(f"no such folder or file: {args.folder}")
     fde = FdeParams(args.fde_k_sim, args.fde_dim_proj, args.fde_r_reps, args.fde_seed)
     wanted = IndexMeta(args.store, asdict(fde), args.pool_factor, args.dpi)
     existing = IndexMeta.read(args.db)
@@ -43,11 +48,17 @@ async def run_index(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.db} was built with {diff}; use the same settings to add to it, or another --db"
         )
-    wanted.write(args.db)
-    store = open_store(args.store, args.db)
     client = ColembedClient(
         _url(args), os.environ.get("BASETEN_API_KEY"), fde, pool_factor=args.pool_factor
     )
+    try:
+        await client.preflight()
+    except BaseException:
+        await client.close()
+        raise
+    # Recorded before the first page is stored, so that no page is ever stored without it.
+    wanted.write(args.db)
+    store = open_store(args.store, args.db)
 
     def log_page(page: object) -> None:
         print(json.dumps({"indexed": page.file, "page": page.page}), flush=True)
@@ -110,6 +121,13 @@ def _url(args: argparse.Namespace) -> str:
     raise ValueError("give --model-id ID (a Baseten deployment) or --url (e.g. a local server)")
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="page_search", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(required=True)
@@ -130,10 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("folder", type=Path)
     index.add_argument("--store", choices=STORES, default="lancedb")
     index.add_argument("--dpi", type=float, default=144.0, help="PDF render resolution")
-    index.add_argument("--batch-pages", type=int, default=4, help="pages per request")
-    index.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    index.add_argument("--batch-pages", type=_positive, default=4, help="pages per request")
+    index.add_argument("--concurrency", type=_positive, default=4, help="requests in flight")
     index.add_argument(
-        "--pool-factor", type=int, default=1, help="server-side token pooling (1 = off)"
+        "--pool-factor", type=_positive, default=1, help="server-side token pooling (1 = off)"
     )
     defaults = FdeParams()
     index.add_argument("--fde-k-sim", type=int, default=defaults.k_sim)
@@ -148,9 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     find = sub.add_parser("search", parents=[common], help="search the index")
     find.set_defaults(run=run_search)
     find.add_argument("query")
-    find.add_argument("-k", type=int, default=5, help="results")
+    find.add_argument("-k", type=_positive, default=5, help="results")
     find.add_argument(
-        "--candidates", type=int, default=100, help="FDE candidates reranked with MaxSim"
+        "--candidates", type=_positive, default=100, help="FDE candidates reranked with MaxSim"
     )
     find.add_argument("--exact", action="store_true", help="MaxSim over every page instead")
     return parser

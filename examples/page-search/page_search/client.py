@@ -96,6 +96,17 @@ class ColembedClient:
             body["pool_factor"] = self.pool_factor  # queries are never pooled
         return _decode(await self._post(body), "passage", len(images))
 
+    async def preflight(self) -> None:
+        """One tiny request with every setting of the run (text, no image): a wrong URL or
+        key, a deployment without FDE output, or FDE parameters / a pool factor the server
+        refuses fail here, once, instead of on every page."""
+        body = {"queries": ["preflight"], "passages": ["preflight"], **self._common()}
+        if self.pool_factor and self.pool_factor > 1:
+            body["pool_factor"] = self.pool_factor
+        payload = await self._post(body)
+        _decode(payload, "query", 1)
+        _decode(payload, "passage", 1)
+
     async def embed_query(self, text: str) -> Embedding:
         return _decode(await self._post({"queries": [text], **self._common()}), "query", 1)[0]
 
