@@ -223,6 +223,11 @@ def test_qdrant_local_store_with_pooling(server, docs, good_pages, tmp_path, cap
     search = ["search", QUERY, "--db", str(db), "--url", url, "-k", "3"]
     assert_ranking(cli(capsys, *search), ranking(pages, want["scores"][0]))
     assert_ranking(cli(capsys, *search, "--exact"), ranking(pages, want["scores"][0]))
+    # A file deleted from the folder leaves the index with --prune (and only then).
+    (subset / "scan-2.jpg").unlink()
+    assert cli(capsys, *args)["pruned"] == 0
+    report = cli(capsys, *args, "--prune")
+    assert (report["pruned"], report["embedded"], report["indexed_total"]) == (1, 0, 3)
 
 
 class _Flaky(BaseHTTPRequestHandler):

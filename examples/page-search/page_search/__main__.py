@@ -72,6 +72,7 @@ async def run_index(args: argparse.Namespace) -> int:
             batch_pages=args.batch_pages,
             concurrency=args.concurrency,
             progress=not args.no_progress,
+            prune=args.prune,
             on_page=log_page if args.log_pages else None,
         )
         total = store.count()
@@ -84,7 +85,8 @@ async def run_index(args: argparse.Namespace) -> int:
         rate = report.embedded / report.seconds if report.seconds else 0.0
         print(
             f"{report.embedded} pages embedded, {report.skipped} already indexed, "
-            f"{len(report.failed)} skipped as unreadable or refused, {report.retries} retries; "
+            f"{len(report.failed)} skipped as unreadable or refused, {report.retries} retries, "
+            f"{report.pruned} pruned; "
             f"{rate:.1f} pages/s. The index holds {total} page(s)."
         )
     return 0
@@ -158,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--fde-dim-proj", type=int, default=defaults.dim_proj)
     index.add_argument("--fde-r-reps", type=int, default=defaults.r_reps)
     index.add_argument("--fde-seed", type=int, default=defaults.seed)
+    index.add_argument(
+        "--prune", action="store_true", help="remove pages of files no longer in the folder"
+    )
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     index.add_argument(
         "--log-pages", action="store_true", help="print one JSON line per page stored"

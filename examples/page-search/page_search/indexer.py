@@ -44,6 +44,7 @@ class Report:
     pages: int = 0  # pages found in readable files
     embedded: int = 0
     skipped: int = 0  # already indexed with the same content
+    pruned: int = 0  # pages of files no longer in the folder, removed (prune=True)
     failed: list[dict[str, Any]] = field(default_factory=list)  # {"file", "page"?, "error"}
     retries: int = 0
     seconds: float = 0.0
@@ -64,6 +65,7 @@ async def index_folder(
     batch_pages: int = 4,
     concurrency: int = 4,
     progress: bool = True,
+    prune: bool = False,
     on_page: Callable[[Page], None] | None = None,
 ) -> Report:
     report, start = Report(), time.monotonic()
@@ -78,9 +80,15 @@ async def index_folder(
 
     client.on_retry = lambda why: tqdm.write(f"server busy ({why})", file=sys.stderr)
     catalog = await loop.run_in_executor(write, store.catalog)
+    sources = find_sources(root)
+    if prune:
+        present = {source.rel for source in sources}
+        for file in sorted({f for f, _ in catalog} - present):
+            await loop.run_in_executor(write, store.delete_pages_after, file, 0)
+            report.pruned += sum(1 for f, _ in catalog if f == file)
     # First pass, cheap: hashes and page counts, so the bar knows its total.
     plan: list[tuple[Source, str, int]] = []
-    for source in find_sources(root):
+    for source in sources:
         try:
             sha = await loop.run_in_executor(render, file_sha256, source.path)
             n = await loop.run_in_executor(render, page_count, source)

@@ -57,7 +57,8 @@ class Store(Protocol):
     def upsert(self, records: Sequence[PageRecord]) -> None: ...
 
     def delete_pages_after(self, file: str, last_page: int) -> None:
-        """Drop pages of `file` numbered above `last_page` (the file got shorter)."""
+        """Drop pages of `file` numbered above `last_page` (the file got shorter; 0: it is
+        gone)."""
         ...
 
     def nearest(self, fde: np.ndarray, n: int) -> list[PageKey]:
