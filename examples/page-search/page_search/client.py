@@ -23,6 +23,7 @@ import numpy as np
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 MAX_BACKOFF_S = 30.0
+MAX_RETRY_AFTER_S = 300.0
 
 
 def predict_url(model_id: str, environment: str = "production") -> str:
@@ -91,18 +92,14 @@ class ColembedClient:
 
     async def embed_pages(self, images: list[bytes]) -> list[Embedding]:
         passages = [{"type": "image", "content": base64.b64encode(b).decode()} for b in images]
-        body: dict[str, Any] = {"passages": passages, **self._common()}
-        if self.pool_factor and self.pool_factor > 1:
-            body["pool_factor"] = self.pool_factor  # queries are never pooled
+        body = {"passages": passages, **self._common(passages=True)}
         return _decode(await self._post(body), "passage", len(images))
 
     async def preflight(self) -> None:
         """One tiny request with every setting of the run (text, no image): a wrong URL or
         key, a deployment without FDE output, or FDE parameters / a pool factor the server
         refuses fail here, once, instead of on every page."""
-        body = {"queries": ["preflight"], "passages": ["preflight"], **self._common()}
-        if self.pool_factor and self.pool_factor > 1:
-            body["pool_factor"] = self.pool_factor
+        body = {"queries": ["preflight"], "passages": ["preflight"], **self._common(passages=True)}
         payload = await self._post(body)
         _decode(payload, "query", 1)
         _decode(payload, "passage", 1)
@@ -110,8 +107,11 @@ class ColembedClient:
     async def embed_query(self, text: str) -> Embedding:
         return _decode(await self._post({"queries": [text], **self._common()}), "query", 1)[0]
 
-    def _common(self) -> dict[str, Any]:
-        return {"encoding_format": "base64", "fde": asdict(self.fde)}
+    def _common(self, passages: bool = False) -> dict[str, Any]:
+        common: dict[str, Any] = {"encoding_format": "base64", "fde": asdict(self.fde)}
+        if passages and self.pool_factor and self.pool_factor > 1:
+            common["pool_factor"] = self.pool_factor  # queries are never pooled
+        return common
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         for attempt in range(self.max_retries + 1):
@@ -126,7 +126,8 @@ class ColembedClient:
                     return r.json()
                 if r.status_code not in RETRY_STATUSES or attempt == self.max_retries:
                     raise Rejected(r.status_code, _error_text(r))
-                wait = _retry_after(r) or _backoff(attempt)
+                # Honoured, within reason: a proxy's "come back in an hour" is not waited out.
+                wait = min(_retry_after(r) or _backoff(attempt), MAX_RETRY_AFTER_S)
                 reason = f"HTTP {r.status_code}"
             self.retries += 1
             if self.on_retry:

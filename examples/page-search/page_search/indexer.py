@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .client import ColembedClient, Rejected
+from .client import ColembedClient, Embedding, Rejected
 from .pages import (
     Page,
     PageError,
@@ -148,7 +148,7 @@ async def index_folder(
         for _ in range(concurrency):
             await queue.put(None)
 
-    async def embed(batch: _Batch) -> list[tuple[Page, Any]]:
+    async def embed(batch: _Batch) -> list[tuple[Page, Embedding]]:
         """(page, embedding) per page; a refused batch is retried page by page so that one
         bad page does not cost its neighbours."""
         try:
@@ -160,7 +160,7 @@ async def index_folder(
             if len(batch.pages) == 1:
                 fail(batch.pages[0].file, str(e), batch.pages[0].page)
                 return []
-        results = []
+        results: list[tuple[Page, Embedding]] = []
         for page in batch.pages:
             results += await embed(_Batch([page], batch.source_sha))
         return results
