@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_reduce import assert_same_set, colpali_pool, muvera_reference
+from reference import colpali_pool, muvera_reference
+from test_reduce import assert_same_set
 
 from embed_serving import fde
 
