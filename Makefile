@@ -11,6 +11,7 @@ MODELS := embedqa-1b-v2 nv-embed-v2 colembed-3b
 
 help:
 	@echo "make demo                         tiny checkpoints, real servers, example requests"
+	@echo "make page-search-demo             examples/page-search: index sample PDFs, resume, search"
 	@echo "make test                         the whole test suite"
 	@echo "make serve MODEL=<dir> [CHECKPOINT=<dir>] [PORT=8080] [SETTING=value ...]"
 	@echo "make checkpoint MODEL=<dir> OUT=<dir>   tiny random-weight checkpoint"
@@ -37,6 +38,10 @@ test: setup
 
 demo: setup
 	$(PY) tools/demo.py
+
+.PHONY: page-search-demo
+page-search-demo: setup
+	$(PY) examples/page-search/demo.py
 
 serve: setup
 	$(PY) tools/serve.py $(MODEL) --port $(PORT) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
