@@ -10,6 +10,7 @@ can see a client that hangs up.
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from fastapi import Response
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 
-from embed_serving import memory, metrics
+from embed_serving import memory, metrics, startup
 from embed_serving.body import parse_json, read_body
 from embed_serving.checkpoint import resolve_checkpoint_dir
+from embed_serving.device import resolve_device
 from embed_serving.errors import RequestError, Route, error_response, printable
 from embed_serving.service import EmbeddingService
 from embed_serving.settings import check_env
@@ -39,12 +41,36 @@ class TrussModel:
         raise NotImplementedError
 
     def load(self) -> None:
+        """Load, or end the process with the reason (startup.fail): a deployment that cannot
+        serve must not stay up, never ready."""
+        try:
+            self._load()
+        except Exception as error:
+            startup.fail(error)
+
+    def _load(self) -> None:
+        explicit = {name for name, value in os.environ.items() if value.strip()}
         check_env()  # a malformed setting fails here, before any weight is read
+        # The GPU the config asks for, or a refusal to start (never a silent CPU run). The
+        # backends read DEVICE: they get the device that was checked.
+        device = resolve_device(self._config)
+        os.environ["DEVICE"] = str(device)
         memory.configure_allocator()
         if self._lazy_data_resolver is not None:
             # Truss's model_cache downloads in the background; wait for the files.
             self._lazy_data_resolver.block_until_download_complete()
-        self._service = self.create_service(resolve_checkpoint_dir(self._config, self._secrets))
+        checkpoint = resolve_checkpoint_dir(self._config, self._secrets)
+        self._service = self.create_service(checkpoint)
+        backend = self._service.backend
+        report = startup.load_report(
+            self._config,
+            checkpoint,
+            getattr(backend, "model", None),
+            backend.device,
+            backend.dtype,
+            explicit,
+        )
+        log.info(report)
 
     async def predict(self, request: Request) -> Response:
         return await self._handle("predict", request)
