@@ -6,6 +6,7 @@ current transformers cannot auto-load, so everything here reads the official fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from embed_serving.settings import device_setting, dtype_setting
@@ -154,6 +155,17 @@ def _safetensors_files(checkpoint_dir: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _open_weights(path: Path) -> Iterator[Any]:
+    """safe_open, with the file named in its errors (safetensors' own say only "incomplete
+    metadata" or "No such file", not which of the shards)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
 def tensor_names(checkpoint_dir: Path) -> list[str]:
     """Tensor names of a checkpoint, read from the index or the safetensors headers only."""
     index = checkpoint_dir / "model.safetensors.index.json"
@@ -162,14 +174,14 @@ def tensor_names(checkpoint_dir: Path) -> list[str]:
             return sorted(json.load(f)["weight_map"])
     names: list[str] = []
     for path in _safetensors_files(checkpoint_dir):
-        with safe_open(str(path), framework="pt") as f:
+        with _open_weights(path) as f:
             names.extend(f.keys())
     return sorted(names)
 
 
 def iter_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in _safetensors_files(checkpoint_dir):
-        with safe_open(str(path), framework="pt") as f:
+        with _open_weights(path) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 yield key, f.get_tensor(key)
 
