@@ -238,6 +238,18 @@ def test_built_context_serves(contexts, model_cache, tmp_path, package: str) -> 
         assert part in line, (part, line)
 
 
+@pytest.mark.parametrize("package", PACKAGES)
+def test_context_installs_torch_cuda_build(contexts, package: str) -> None:
+    """The config's index line reaches the requirements file the image installs with uv (which
+    reads index options from it), so the image gets torch's CUDA 12.8 build."""
+    fs = contexts[package]
+    lines = (fs / "requirements.txt").read_text().splitlines()
+    assert "--extra-index-url https://download.pytorch.org/whl/cu128" in lines
+    assert [line for line in lines if line.startswith("torch")] == ["torch==2.13.0+cu128"]
+    dockerfile = (fs.parent / "image" / "Dockerfile").read_text()
+    assert "uv pip install --system" in dockerfile and "-r requirements.txt" in dockerfile
+
+
 def test_context_imports_only_what_it_pins(contexts) -> None:
     """Every third-party module the bundled packages import belongs to a distribution that the
     context's requirements.txt installs (directly or as a dependency)."""
