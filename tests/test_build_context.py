@@ -318,7 +318,8 @@ def test_corrupt_weights_exit(contexts, model_cache, tmp_path, import_s) -> None
 def test_missing_weights_exit(contexts, tmp_path, import_s) -> None:
     # Nothing at the model_cache path and no hub: the load cannot find its weights.
     proc, _ = start_image(contexts["colembed-3b"], tmp_path, tmp_path / "empty", DEVICE="cpu")
-    assert_exits(proc, import_s, "nvidia/llama-nemoretriever-colembed-3b-v1")
+    assert_exits(proc, import_s, "CheckpointError", "nvidia/llama-nemoretriever-colembed-3b-v1@",
+                 f"not at {tmp_path / 'empty' / 'colembed-3b'} (model_cache)")  # fmt: skip
 
 
 def test_bad_setting_exits_under_make_serve(tmp_path, model_cache, import_s) -> None:

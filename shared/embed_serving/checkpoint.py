@@ -75,17 +75,25 @@ def resolve_checkpoint_dir(truss_config: dict[str, Any], secrets: Any = None) ->
     token = None
     try:
         token = secrets["hf_access_token"] if secrets is not None else None
-    except (KeyError, TypeError):
-        token = None
+    except Exception:  # Truss raises its own SecretNotFound for a secret that is not set
+        token = None  # public repos download without one; a gated repo's error says so
     repo = repos[0]
-    return Path(
-        snapshot_download(
-            repo["repo_id"],
-            revision=repo.get("revision") or None,
-            token=token or None,
-            allow_patterns=repo.get("allow_patterns"),
+    try:
+        return Path(
+            snapshot_download(
+                repo["repo_id"],
+                revision=repo.get("revision") or None,
+                token=token or None,
+                allow_patterns=repo.get("allow_patterns"),
+            )
         )
-    )
+    except Exception as err:
+        looked = model_cache_root() / str(repo.get("volume_folder", ""))
+        raise CheckpointError(
+            f"the weights of {repo['repo_id']}@{repo.get('revision') or 'main'} are not at "
+            f"{looked} (model_cache) and the download from the Hugging Face hub failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def load_tokenizer(checkpoint_dir: Path, padding_side: str = "right") -> Any:
