@@ -18,10 +18,11 @@ The server is then started from the context alone, as the image's ENTRYPOINT doe
 them at run time). Nothing from the source tree is on its path. Note that Truss's main.py
 binds 0.0.0.0 (as in the image); the port is a free one, for the few seconds of a test.
 
-"Within 10 s" for a failed load is measured from the start of the process, less what a bare
-import of the same modules (torch, transformers, the model code, Truss's server) takes in a
-fresh interpreter on this machine, measured here too: on a shared 2-core machine that import
-alone can take longer than 10 s, and it is no part of how fast a failed load ends.
+"Within 10 s" for a failed load is measured from the start of the load (the model's
+"load started" log line) to the end of the process. Before it, Truss's server imports the
+model code, torch and transformers: a fixed cost of every start, no part of how a failed load
+ends, and on a shared 2-core machine alone sometimes longer than 10 s. The whole run from the
+process's start is bounded too (it used to hang until killed), by `HANG_S`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -53,7 +55,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationW
 
 PACKAGES = ["embedqa-1b-v2", "nv-embed-v2", "colembed-3b"]
 TRUSS_TEMPLATES = Path(truss.__file__).parent / "templates"
-DEADLINE_S = 10.0
+DEADLINE_S = 10.0  # from the start of the load to the end of the process
+HANG_S = 300.0  # from the start of the process: past it, the process is taken to hang
 
 
 def build_context(package: str, out: Path) -> Path:
@@ -104,20 +107,6 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def import_s(contexts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> float:
-    """Seconds a fresh interpreter takes to import what the server imports before `load()`."""
-    fs = contexts["colembed-3b"]
-    modules = ("truss_server, torch, transformers, embed_serving.truss_model, "
-               "embed_serving.models.colembed_backend")  # fmt: skip
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(fs / "packages"),
-           "HOME": str(tmp_path_factory.mktemp("home"))}  # fmt: skip
-    start = time.monotonic()
-    subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=fs / "app", env=env,
-                   check=True)  # fmt: skip
-    return time.monotonic() - start
-
-
 class Process:
     """A server process and its log (Truss logs one JSON object per line)."""
 
@@ -128,12 +117,13 @@ class Process:
         self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)  # fmt: skip
 
-    def wait_exit(self, timeout: float = 300) -> tuple[int, float]:
+    def wait_exit(self, timeout: float = HANG_S) -> tuple[int, float]:
+        """Exit status, and the epoch time the process was seen ended."""
         try:
             rc = self.proc.wait(timeout=timeout)
         finally:
             self.stop()
-        return rc, time.monotonic() - self.started
+        return rc, time.time()
 
     def wait_ready(self, url: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
@@ -147,15 +137,21 @@ class Process:
             time.sleep(0.3)
         raise AssertionError(f"not ready in {timeout} s:\n{self.tail()}")
 
-    def messages(self) -> list[str]:
+    def records(self) -> list[dict]:
         out = []
         for line in self.log_path.read_text().splitlines():
             try:
-                out.append(str(json.loads(line)["message"]))
-            except (ValueError, KeyError, TypeError):
-                if line.strip():
-                    out.append(line)
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and "message" in record:
+                out.append(record)
+            elif line.strip():
+                out.append({"message": line})
         return out
+
+    def messages(self) -> list[str]:
+        return [str(r["message"]) for r in self.records()]
 
     def tail(self) -> str:
         return self.log_path.read_text()[-4000:]
@@ -192,14 +188,17 @@ def start_image(fs: Path, tmp: Path, cache: Path, **settings: str) -> tuple[Proc
     return proc, f"http://127.0.0.1:{port}"
 
 
-def assert_exits(proc: Process, import_s: float, *reason: str) -> None:
-    rc, elapsed = proc.wait_exit()
-    messages = proc.messages()
+def assert_exits(proc: Process, *reason: str) -> None:
+    rc, ended = proc.wait_exit()
+    records = proc.records()
     assert rc != 0, f"exit status {rc}:\n{proc.tail()}"
-    assert elapsed <= DEADLINE_S + import_s, (
-        f"exited after {elapsed:.1f} s; a bare import takes {import_s:.1f} s:\n{proc.tail()}"
-    )
-    last = messages[-1]
+    (started,) = [r for r in records if str(r["message"]).startswith("load started: ")]
+    # Truss's log time: local time, milliseconds after a comma.
+    began = datetime.strptime(started["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    took = ended - began
+    print(f"{proc.log_path.name}: exit {rc}, {took:.1f} s after the load started")
+    assert took <= DEADLINE_S, f"exited {took:.1f} s after the load started:\n{proc.tail()}"
+    last = str(records[-1]["message"])
     assert last.startswith("model load failed, exiting: "), proc.tail()
     for part in reason:
         assert part in last, f"{part!r} not in the last log line: {last}"
@@ -299,30 +298,30 @@ def required_imports(node: ast.AST) -> set[str]:
 # --- a failed load ends the process, on every entry point --------------------------------------
 
 
-def test_gpu_config_without_gpu_exits(contexts, model_cache, tmp_path, import_s) -> None:
+def test_gpu_config_without_gpu_exits(contexts, model_cache, tmp_path) -> None:
     """On this CPU-only machine: the config asks for a GPU and DEVICE is not set."""
     proc, _ = start_image(contexts["embedqa-1b-v2"], tmp_path, model_cache)
-    assert_exits(proc, import_s, "DeviceError", "asks for a GPU (resources.accelerator: L4)",
+    assert_exits(proc, "DeviceError", "asks for a GPU (resources.accelerator: L4)",
                  "CUDA cannot be used")  # fmt: skip
 
 
-def test_corrupt_weights_exit(contexts, model_cache, tmp_path, import_s) -> None:
+def test_corrupt_weights_exit(contexts, model_cache, tmp_path) -> None:
     cache = tmp_path / "cache"
     shutil.copytree(model_cache / "nv-embed-v2", cache / "nv-embed-v2")
     weights = cache / "nv-embed-v2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     proc, _ = start_image(contexts["nv-embed-v2"], tmp_path, cache, DEVICE="cpu")
-    assert_exits(proc, import_s, "CheckpointError", f"cannot read {weights}", "deserializing")
+    assert_exits(proc, "CheckpointError", f"cannot read {weights}", "deserializing")
 
 
-def test_missing_weights_exit(contexts, tmp_path, import_s) -> None:
+def test_missing_weights_exit(contexts, tmp_path) -> None:
     # Nothing at the model_cache path and no hub: the load cannot find its weights.
     proc, _ = start_image(contexts["colembed-3b"], tmp_path, tmp_path / "empty", DEVICE="cpu")
-    assert_exits(proc, import_s, "CheckpointError", "nvidia/llama-nemoretriever-colembed-3b-v1@",
+    assert_exits(proc, "CheckpointError", "nvidia/llama-nemoretriever-colembed-3b-v1@",
                  f"not at {tmp_path / 'empty' / 'colembed-3b'} (model_cache)")  # fmt: skip
 
 
-def test_bad_setting_exits_under_make_serve(tmp_path, model_cache, import_s) -> None:
+def test_bad_setting_exits_under_make_serve(tmp_path, model_cache) -> None:
     """`make serve` (tools/serve.py): a failed load ended in an AssertionError of Truss's
     shutdown task, and the process stayed up, never ready."""
     port = free_port()
@@ -331,7 +330,7 @@ def test_bad_setting_exits_under_make_serve(tmp_path, model_cache, import_s) -> 
             str(port), "--checkpoint", str(model_cache / "embedqa-1b-v2"),
             "--build-dir", str(tmp_path / "build")]  # fmt: skip
     proc = Process(args, ROOT, env, tmp_path / "serve.log")
-    assert_exits(proc, import_s, "SettingError", "IMAGE_FETCH_TIMEOUT_S=nan")
+    assert_exits(proc, "SettingError", "IMAGE_FETCH_TIMEOUT_S=nan")
 
 
 def test_make_serve_finds_weights_in_model_cache(tmp_path, model_cache) -> None:
@@ -353,8 +352,7 @@ def test_make_serve_finds_weights_in_model_cache(tmp_path, model_cache) -> None:
     assert any(str(model_cache / "embedqa-1b-v2") in m for m in proc.messages())
 
 
-def test_failed_load_is_not_restarted_under_truss_watch(contexts, model_cache, tmp_path,
-                                                       import_s) -> None:  # fmt: skip
+def test_failed_load_is_not_restarted_under_truss_watch(contexts, model_cache, tmp_path) -> None:
     """`truss watch` runs Truss's control server, which starts the inference server and
     restarts it when it dies, unless ~/inference_server_crashed.txt exists. Driven here by
     Truss's own InferenceServerProcessController, as the control server drives it."""
@@ -375,22 +373,27 @@ def test_failed_load_is_not_restarted_under_truss_watch(contexts, model_cache, t
         c = InferenceServerProcessController(
             {str(fs / "app")!r}, [sys.executable, {str(fs / "app" / "main.py")!r}],
             {port}, logging.getLogger("control"))
-        started = time.monotonic()
         c.start(env)
-        rc = c._inference_server_process.wait(timeout=300)
-        elapsed = time.monotonic() - started
+        rc = c._inference_server_process.wait(timeout={HANG_S})
+        ended = time.time()
         c.check_and_recover_inference_server(env)  # what the control server runs every second
         restarted = c.is_inference_server_running()
         c.stop()
-        print("RESULT", json.dumps({{"rc": rc, "elapsed": elapsed, "restarted": restarted}}))
+        print("RESULT", json.dumps({{"rc": rc, "ended": ended, "restarted": restarted}}))
     """)
     out = subprocess.run([sys.executable, "-c", driver, json.dumps(env)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+                         env=env, capture_output=True, text=True, timeout=HANG_S + 60)  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(lines[-1].removeprefix("RESULT "))
     assert result["rc"] != 0
-    assert result["elapsed"] <= DEADLINE_S + import_s, result
+    logged = (out.stdout + out.stderr).splitlines()  # Truss's server logs to either
+    records = [json.loads(line) for line in logged if line.startswith("{")]
+    (started,) = [r for r in records if str(r.get("message")).startswith("load started: ")]
+    began = datetime.strptime(started["asctime"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    took = result["ended"] - began
+    print(f"truss watch: exit {result['rc']}, {took:.1f} s after the load started")
+    assert took <= DEADLINE_S, (result, started)
     assert not result["restarted"], "the control server restarted a server whose load failed"
     assert "model load failed, exiting: DeviceError" in out.stdout + out.stderr
     assert "Inference server unrecoverable" in out.stderr

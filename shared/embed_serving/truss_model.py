@@ -43,6 +43,8 @@ class TrussModel:
     def load(self) -> None:
         """Load, or end the process with the reason (startup.fail): a deployment that cannot
         serve must not stay up, never ready."""
+        # Marks where the load itself begins (after Truss imported the model code and torch).
+        log.info("load started: %s", self._config.get("model_name", "?"))
         try:
             self._load()
         except Exception as error:
