@@ -6,8 +6,14 @@ MODEL ?= embedqa-1b-v2
 PORT ?= 8080
 OUT ?= build/checkpoints/$(MODEL)
 MODELS := embedqa-1b-v2 nv-embed-v2 colembed-3b
+# Where `make setup` takes torch from: empty = the default index (on an ordinary Linux machine
+# PyPI's CUDA build, ~3 GB with its CUDA libraries); e.g. https://download.pytorch.org/whl/cpu
+# for the CPU-only wheel.
+TORCH_INDEX ?=
+# Extra `truss push` flags for `make push`, e.g. --promote, --environment staging.
+PUSH_FLAGS ?=
 
-.PHONY: help setup test demo serve checkpoint bench bench-gpu gpu-wheels push watch lint format lock clean
+.PHONY: help setup test demo serve checkpoint bench bench-gpu gpu-wheels push watch watch-attach lint format lock clean
 
 help:
 	@echo "make demo                         tiny checkpoints, real servers, example requests"
@@ -19,13 +25,16 @@ help:
 	@echo "make gpu-wheels                   (with network) wheels/gpu for bench-gpu on an offline GPU box"
 	@echo "make bench-gpu [GOLDEN=<dir>]     on a GPU box, no network, no venv: models at official shapes,"
 	@echo "                                  attention paths, MaxSim, NV-Embed at 32k, bf16 conformance"
-	@echo "make push MODEL=<dir> / make watch MODEL=<dir>   truss push --publish / truss watch"
+	@echo "make setup [TORCH_INDEX=<url>]    .venv; TORCH_INDEX=https://download.pytorch.org/whl/cpu: CPU torch"
+	@echo "make push MODEL=<dir> [PUSH_FLAGS=--promote]   published deployment (truss push)"
+	@echo "make watch MODEL=<dir>            development deployment, then live patches (truss push --watch)"
+	@echo "make watch-attach MODEL=<dir>     watch an existing development deployment (truss watch)"
 
 $(VENV)/.installed: requirements-dev.lock requirements-dev-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch first, pinned, so that nothing else can pull a (CUDA) build of its own choice.
-	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install --quiet -r requirements-dev.lock -c constraints.txt
 	$(VENV)/bin/pip install --quiet --no-deps -r requirements-dev-nodeps.txt
 	touch $@
@@ -72,10 +81,16 @@ bench-gpu:
 		--json build/gpu_conformance.json || status=1; \
 	exit $$status
 
+# truss 0.18.35: a push is a published deployment by default (`--publish` is deprecated);
+# `--watch` makes a development deployment and then patches it as files change. `truss watch`
+# alone needs that development deployment to exist.
 push: setup
-	$(VENV)/bin/truss push $(MODEL) --publish
+	$(VENV)/bin/truss push $(MODEL) $(PUSH_FLAGS)
 
 watch: setup
+	$(VENV)/bin/truss push $(MODEL) --watch
+
+watch-attach: setup
 	$(VENV)/bin/truss watch $(MODEL)
 
 lint: setup

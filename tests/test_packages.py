@@ -13,6 +13,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["embedqa-1b-v2", "nv-embed-v2", "colembed-3b"]
+# torch's CUDA 12.8 build: Truss's GPU base image is CUDA 12.8 (README, "Deploy").
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
 LOCK = dict(
     line.split("==", 1)
     for line in (ROOT / "requirements-dev.lock").read_text().splitlines()
@@ -31,10 +33,17 @@ def test_truss_loads_and_validates(package: str) -> None:
 def test_config_pins_and_declares(package: str) -> None:
     config = yaml.safe_load((ROOT / package / "config.yaml").read_text())
     for requirement in config["requirements"]:
+        if requirement.startswith("-"):
+            # The only option: the index of torch's CUDA build (see the torch line below).
+            assert requirement == f"--extra-index-url {TORCH_CUDA_INDEX}", requirement
+            continue
         name, _, version = requirement.partition("==")
         assert version, f"{requirement} is not pinned"
-        # The image runs what the tests ran.
+        # The image runs what the tests ran (torch: the same release, in its CUDA build).
         locked = {k.lower().replace("_", "-"): v for k, v in LOCK.items()}
+        if name == "torch":
+            assert version == f"{locked['torch']}+{TORCH_CUDA_INDEX.rsplit('/', 1)[1]}"
+            continue
         assert locked.get(name.lower()) == version, f"{requirement} differs from the lock"
     (repo,) = config["model_cache"]
     assert repo["use_volume"] and repo["revision"]

@@ -10,7 +10,9 @@ Truss's `TrussServer` app is served with uvicorn. Only two things differ from a 
   when no checkpoint is given;
 - `environment_variables` from config.yaml become process environment variables (as Baseten's
   runtime does), except those already set in the shell, so `MAX_INPUT_TOKENS=48 make serve`
-  overrides a setting.
+  overrides a setting;
+- `DEVICE` defaults to `cpu`: the configs ask for a GPU, and a deployment refuses to start
+  without one; a local run is on the CPU on purpose (`DEVICE=cuda make serve` for a local GPU).
 
     python tools/serve.py embedqa-1b-v2 --port 8080 [--checkpoint DIR]
 """
@@ -68,6 +70,7 @@ def serve(package: str, port: int, checkpoint: str | None, build_root: Path) -> 
     fs, settings = build_filesystem(package, build_root)
     for name, value in settings.items():
         os.environ.setdefault(name, value)
+    os.environ.setdefault("DEVICE", "cpu")
     if checkpoint:
         path = Path(checkpoint).resolve()
         if not (path / "config.json").is_file():

@@ -6,6 +6,7 @@ current transformers cannot auto-load, so everything here reads the official fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -14,11 +15,28 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from embed_serving.settings import device_setting, dtype_setting
+
 CHECKPOINT_ENV = "EMBED_CHECKPOINT_DIR"
+# Where Truss's `model_cache` puts a repo: /app/model_cache/<volume_folder>
+# (truss.base.constants.MODEL_CACHE_PATH). Overridable so that a build-context test can put a
+# checkpoint where the image would have it without writing to /app.
+MODEL_CACHE_ENV = "EMBED_MODEL_CACHE_DIR"
 MODEL_CACHE = Path("/app/model_cache")
+
+
+def model_cache_root() -> Path:
+    return Path(os.environ.get(MODEL_CACHE_ENV, "").strip() or MODEL_CACHE)
+
+
+def model_cache_repos(truss_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The config's `model_cache` repos; `tools/serve.py` moves them under `model_metadata`
+    (building a real `model_cache` would contact the Hugging Face hub)."""
+    metadata = truss_config.get("model_metadata") or {}
+    return list(truss_config.get("model_cache") or metadata.get("model_cache") or [])
 
 
 class CheckpointError(RuntimeError):
@@ -34,7 +52,8 @@ def resolve_checkpoint_dir(truss_config: dict[str, Any], secrets: Any = None) ->
     """The checkpoint a deployment serves.
 
     1. `EMBED_CHECKPOINT_DIR` (local development, tests, custom mounts);
-    2. the pinned repo Truss's `model_cache` put under /app/model_cache/<volume_folder>;
+    2. the pinned repo Truss's `model_cache` put under /app/model_cache/<volume_folder>
+       (`EMBED_MODEL_CACHE_DIR` replaces /app/model_cache);
     3. otherwise (a local run without a checkpoint) the pinned revision from the Hugging Face
        hub, with the `hf_access_token` secret if one is set.
     """
@@ -44,9 +63,9 @@ def resolve_checkpoint_dir(truss_config: dict[str, Any], secrets: Any = None) ->
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{CHECKPOINT_ENV}={override} holds no config.json")
         return path
-    repos = truss_config.get("model_cache") or []
+    repos = model_cache_repos(truss_config)
     for repo in repos:
-        folder = MODEL_CACHE / str(repo.get("volume_folder", ""))
+        folder = model_cache_root() / str(repo.get("volume_folder", ""))
         if (folder / "config.json").is_file():
             return folder
     if not repos:
@@ -56,17 +75,25 @@ def resolve_checkpoint_dir(truss_config: dict[str, Any], secrets: Any = None) ->
     token = None
     try:
         token = secrets["hf_access_token"] if secrets is not None else None
-    except (KeyError, TypeError):
-        token = None
+    except Exception:  # Truss raises its own SecretNotFound for a secret that is not set
+        token = None  # public repos download without one; a gated repo's error says so
     repo = repos[0]
-    return Path(
-        snapshot_download(
-            repo["repo_id"],
-            revision=repo.get("revision") or None,
-            token=token or None,
-            allow_patterns=repo.get("allow_patterns"),
+    try:
+        return Path(
+            snapshot_download(
+                repo["repo_id"],
+                revision=repo.get("revision") or None,
+                token=token or None,
+                allow_patterns=repo.get("allow_patterns"),
+            )
         )
-    )
+    except Exception as err:
+        looked = model_cache_root() / str(repo.get("volume_folder", ""))
+        raise CheckpointError(
+            f"the weights of {repo['repo_id']}@{repo.get('revision') or 'main'} are not at "
+            f"{looked} (model_cache) and the download from the Hugging Face hub failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
 
 
 def load_tokenizer(checkpoint_dir: Path, padding_side: str = "right") -> Any:
@@ -95,7 +122,10 @@ def load_tokenizer(checkpoint_dir: Path, padding_side: str = "right") -> Any:
 
 
 def pick_device() -> torch.device:
-    wanted = os.environ.get("DEVICE", "").strip()
+    """The `DEVICE` setting; unset, CUDA where it works (library use: tests, benchmarks). A
+    deployment decides before any backend exists (`device.resolve_device`: the GPU its config
+    asks for, or a refusal to start) and sets `DEVICE` to what it chose."""
+    wanted = device_setting()
     if wanted:
         return torch.device(wanted)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +133,7 @@ def pick_device() -> torch.device:
 
 def pick_dtype(device: torch.device, gpu_default: torch.dtype = torch.bfloat16) -> torch.dtype:
     """fp32 on CPU (no fast half kernels there), the model card's half type on GPU."""
-    wanted = os.environ.get("DTYPE", "auto").strip().lower()
+    wanted = dtype_setting()
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if wanted in table:
         return table[wanted]
@@ -133,6 +163,17 @@ def _safetensors_files(checkpoint_dir: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _open_weights(path: Path) -> Iterator[Any]:
+    """safe_open, with the file named in its errors (safetensors' own say only "incomplete
+    metadata" or "No such file", not which of the shards)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+
+
 def tensor_names(checkpoint_dir: Path) -> list[str]:
     """Tensor names of a checkpoint, read from the index or the safetensors headers only."""
     index = checkpoint_dir / "model.safetensors.index.json"
@@ -141,14 +182,14 @@ def tensor_names(checkpoint_dir: Path) -> list[str]:
             return sorted(json.load(f)["weight_map"])
     names: list[str] = []
     for path in _safetensors_files(checkpoint_dir):
-        with safe_open(str(path), framework="pt") as f:
+        with _open_weights(path) as f:
             names.extend(f.keys())
     return sorted(names)
 
 
 def iter_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in _safetensors_files(checkpoint_dir):
-        with safe_open(str(path), framework="pt") as f:
+        with _open_weights(path) as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 yield key, f.get_tensor(key)
 

@@ -4,20 +4,44 @@ fails the deployment at load with a message naming the variable."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from embed_serving.images import ImageLimits
 
 log = logging.getLogger(__name__)
 
+# Every setting read so far: name -> (value, the code's default). The load log line lists those
+# that differ from their default (`changed()`), so a deployment says what it runs with.
+_SEEN: dict[str, tuple[Any, Any]] = {}
+_Reader = TypeVar("_Reader", bound=Callable[..., Any])
 
 # Upper bounds keep every cap meaningful: a cap of 2^50 bytes is no cap at all.
 GIB = 1 << 30
 
 
+def _recorded(reader: _Reader) -> _Reader:
+    @functools.wraps(reader)
+    def read(name: str, default: Any, *args: Any, **kwargs: Any) -> Any:
+        value = reader(name, default, *args, **kwargs)
+        _SEEN[name] = (value, default)
+        return value
+
+    return read  # type: ignore[return-value]
+
+
+def changed() -> dict[str, Any]:
+    """The settings read so far whose value differs from the code's default."""
+    return {name: value for name, (value, default) in sorted(_SEEN.items()) if value != default}
+
+
+@_recorded
 def _env_int(name: str, default: int, minimum: int = 1, maximum: int = 1 << 24) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
@@ -31,6 +55,7 @@ def _env_int(name: str, default: int, minimum: int = 1, maximum: int = 1 << 24) 
     return value
 
 
+@_recorded
 def _env_float(name: str, default: float, minimum: float = 0.0, maximum: float = 86400.0) -> float:
     """A finite number in (minimum, maximum]: `nan` or `inf` would pass a plain `> 0` check
     and then break every use (a timeout of nan never fires, one of inf never ends)."""
@@ -46,6 +71,7 @@ def _env_float(name: str, default: float, minimum: float = 0.0, maximum: float =
     return value
 
 
+@_recorded
 def _env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
@@ -57,6 +83,7 @@ def _env_bool(name: str, default: bool) -> bool:
     raise SettingError(f"setting {name}={raw!r} is not a boolean (true/false)")
 
 
+@_recorded
 def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
@@ -198,10 +225,51 @@ class Settings:
 TOKEN_LIMIT_SETTINGS = ("MAX_INPUT_TOKENS", "MAX_QUERY_TOKENS", "MAX_PASSAGE_TOKENS")
 
 
+# Device settings (read by checkpoint.pick_device / pick_dtype and models/attention.py).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# = models.attention.ATTENTION_PATHS (a test keeps them equal); not imported, so that settings
+# stays free of torch.
+ATTENTION_PATHS = ("sdpa", "sdpa_masked", "varlen")
+_DEVICE_RE = re.compile(r"(cpu|cuda(:\d+)?)")
+
+
+@_recorded
+def _env_device(name: str, default: str) -> str:
+    """`cpu`, `cuda` or `cuda:N`; empty = `default` (the deployment's config decides)."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if not _DEVICE_RE.fullmatch(raw):
+        raise SettingError(f"setting {name}={raw!r} must be cpu, cuda or cuda:N (e.g. cuda:0)")
+    return raw
+
+
+def device_setting() -> str:
+    """DEVICE: '' when unset (then the config's `resources` decide: GPU or refuse to start)."""
+    return _env_device("DEVICE", "")
+
+
+def dtype_setting() -> str:
+    """DTYPE: `auto` (the model card's half type on GPU, fp32 on CPU) or an explicit type."""
+    return _env_choice("DTYPE", "auto", DTYPES)
+
+
+def attention_setting() -> str:
+    """ATTENTION: the attention path of the Llama stacks (see models/attention.py)."""
+    return _env_choice("ATTENTION", "sdpa", ATTENTION_PATHS)
+
+
 def check_env() -> Settings:
     """Validate every setting in the environment, before any weight is read: a typo must fail
     the deployment in a second, not after a full load (which Truss then retries). Returns the
     settings that do not depend on the checkpoint (token limits there are placeholders)."""
-    return Settings.from_env(
+    device_setting()
+    dtype_setting()
+    attention_setting()
+    settings = Settings.from_env(
         {name: (name, 1) for name in TOKEN_LIMIT_SETTINGS}, model_max_tokens=1 << 30
     )
+    # Checked with a stand-in default; the package records them with its own when it reads them.
+    for name in TOKEN_LIMIT_SETTINGS:
+        _SEEN.pop(name, None)
+    return settings

@@ -11,6 +11,7 @@ before that.
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from fastapi import Response
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 
-from embed_serving import http_guard, memory, metrics
+from embed_serving import http_guard, memory, metrics, startup
 from embed_serving.body import parse_json, read_body
 from embed_serving.checkpoint import resolve_checkpoint_dir
+from embed_serving.device import resolve_device
 from embed_serving.errors import RequestError, Route, error_response
 from embed_serving.service import EmbeddingService
 from embed_serving.settings import check_env
@@ -43,7 +45,22 @@ class TrussModel:
         raise NotImplementedError
 
     def load(self) -> None:
+        """Load, or end the process with the reason (startup.fail): a deployment that cannot
+        serve must not stay up, never ready."""
+        # Marks where the load itself begins (after Truss imported the model code and torch).
+        log.info("load started: %s", self._config.get("model_name", "?"))
+        try:
+            self._load()
+        except Exception as error:
+            startup.fail(error)
+
+    def _load(self) -> None:
+        explicit = {name for name, value in os.environ.items() if value.strip()}
         settings = check_env()  # a malformed setting fails here, before any weight is read
+        # The GPU the config asks for, or a refusal to start (never a silent CPU run). The
+        # backends read DEVICE: they get the device that was checked.
+        device = resolve_device(self._config)
+        os.environ["DEVICE"] = str(device)
         memory.configure_allocator()
         self._guard = http_guard.install(
             settings.max_request_bytes,
@@ -54,7 +71,18 @@ class TrussModel:
         if self._lazy_data_resolver is not None:
             # Truss's model_cache downloads in the background; wait for the files.
             self._lazy_data_resolver.block_until_download_complete()
-        self._service = self.create_service(resolve_checkpoint_dir(self._config, self._secrets))
+        checkpoint = resolve_checkpoint_dir(self._config, self._secrets)
+        self._service = self.create_service(checkpoint)
+        backend = self._service.backend
+        report = startup.load_report(
+            self._config,
+            checkpoint,
+            getattr(backend, "model", None),
+            backend.device,
+            backend.dtype,
+            explicit,
+        )
+        log.info(report)
 
     def is_healthy(self) -> bool:
         """Truss's health check (its readiness route, `GET /v1/models/model`, answers 503 while
