@@ -17,7 +17,7 @@ from fastapi import Response
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 
-from embed_serving import memory, metrics
+from embed_serving import memory, metrics, threads
 from embed_serving.body import parse_json, read_body
 from embed_serving.checkpoint import resolve_checkpoint_dir
 from embed_serving.errors import RequestError, Route, error_response, printable
@@ -40,6 +40,7 @@ class TrussModel:
 
     def load(self) -> None:
         check_env()  # a malformed setting fails here, before any weight is read
+        threads.apply(self._config)  # before torch runs anything (see threads.py)
         memory.configure_allocator()
         if self._lazy_data_resolver is not None:
             # Truss's model_cache downloads in the background; wait for the files.
