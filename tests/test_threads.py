@@ -89,7 +89,9 @@ def test_plan_settings(monkeypatch: pytest.MonkeyPatch) -> None:
      ("TORCH_INTEROP_THREADS", "-1"), ("OMP_WAIT_POLICY", "sometimes"),
      ("TOKENIZERS_PARALLELISM", "maybe")],
 )  # fmt: skip
-def test_bad_settings_name_themselves(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+def test_bad_settings_name_themselves(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingError, match=name):
         threads.plan("cpu", 2)
