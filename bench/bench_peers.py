@@ -288,7 +288,7 @@ def report(runs: list[dict[str, dict[str, Result]]], loads: list[float]) -> tupl
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=384, help="single-query requests per level")
+    parser.add_argument("--requests", type=int, default=256, help="single-query requests per level")
     parser.add_argument("--bulk-requests", type=int, default=8)
     parser.add_argument(
         "--levels", type=lambda s: tuple(int(x) for x in s.split(",")), default=SINGLE_LEVELS,
