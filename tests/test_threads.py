@@ -165,3 +165,21 @@ def test_configs_set_the_policy_from_the_start() -> None:
         assert env["OMP_WAIT_POLICY"] == "PASSIVE", package
         assert env["TOKENIZERS_PARALLELISM"] == "false", package
         assert math.ceil(threads.parse_cpu_quantity(config["resources"]["cpu"]) or 0) >= 1
+
+
+def test_the_real_server_runs_the_policy(tmp_path: Path, start_server) -> None:
+    """`make serve` / a deployment: the package's Truss server logs the policy at load, in
+    effect (config.yaml's environment reached OpenMP), with torch sized to the replica's
+    CPUs; and it serves."""
+    from embed_serving.tiny import write_tiny_embedqa
+
+    write_tiny_embedqa(tmp_path / "ck")
+    server = start_server("embedqa-1b-v2", tmp_path / "ck", DEVICE="cpu")
+    r = server.embeddings({"input": ["how do plants make energy?"]})
+    assert r.status_code == 200, r.text
+    lines = [line for line in server.log_path.read_text().splitlines() if "CPU threads" in line]
+    assert len(lines) == 1, lines
+    cpus = threads.available_cpus("4")  # embedqa-1b-v2/config.yaml: resources.cpu "4"
+    assert f"{cpus} CPUs available; torch intra-op {cpus}, inter-op 1;" in lines[0]
+    assert "OMP_WAIT_POLICY=PASSIVE;" in lines[0] and "NOT in effect" not in lines[0]
+    assert "TOKENIZERS_PARALLELISM=false" in lines[0]
