@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 # Extra `truss push` flags for `make push`, e.g. --promote, --environment staging.
 PUSH_FLAGS ?=
 
-.PHONY: help setup test demo serve checkpoint bench bench-gpu gpu-wheels push watch watch-attach lint format lock clean
+.PHONY: help setup test demo serve checkpoint bench bench-peers bench-gpu gpu-wheels push watch watch-attach lint format lock clean
 
 help:
 	@echo "make demo                         tiny checkpoints, real servers, example requests"
@@ -22,6 +22,7 @@ help:
 	@echo "make serve MODEL=<dir> [CHECKPOINT=<dir>] [PORT=8080] [SETTING=value ...]"
 	@echo "make checkpoint MODEL=<dir> OUT=<dir>   tiny random-weight checkpoint"
 	@echo "make bench                        benchmarks (ratios measured side by side)"
+	@echo "make bench-peers                  ours vs infinity-emb (own venv in build/peers), same model, CPU"
 	@echo "make gpu-wheels                   (with network) wheels/gpu for bench-gpu on an offline GPU box"
 	@echo "make bench-gpu [GOLDEN=<dir>]     on a GPU box, no network, no venv: models at official shapes,"
 	@echo "                                  attention paths, MaxSim, NV-Embed at 32k, bf16 conformance"
@@ -63,6 +64,19 @@ bench: setup
 	$(PY) bench/bench_serving.py
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_storage.py
+
+# Optional, not part of `make bench`: the peer gets its own venv (bench/peers/infinity.txt),
+# never our lock. PEER_ARGS=... passes options, e.g. PEER_ARGS="--runs 1 --set TORCH_THREADS=1".
+PEER_VENV ?= build/peers/infinity
+
+$(PEER_VENV)/.installed: bench/peers/infinity.txt
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PEER_VENV)/bin/pip install --quiet -r bench/peers/infinity.txt
+	touch $@
+
+bench-peers: setup $(PEER_VENV)/.installed
+	$(PY) bench/bench_peers.py --peer-python $(PEER_VENV)/bin/python $(PEER_ARGS)
 
 # On a GPU machine: its own python3 and torch, no network, no venv. What it lacks comes from
 # wheels/gpu (made by `make gpu-wheels` on a machine with network, copied with the checkout).

@@ -19,7 +19,7 @@ from fastapi import Response
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 
-from embed_serving import http_guard, memory, metrics, startup
+from embed_serving import http_guard, memory, metrics, startup, threads
 from embed_serving.body import parse_json, read_body
 from embed_serving.checkpoint import resolve_checkpoint_dir
 from embed_serving.device import resolve_device
@@ -61,6 +61,7 @@ class TrussModel:
         # backends read DEVICE: they get the device that was checked.
         device = resolve_device(self._config)
         os.environ["DEVICE"] = str(device)
+        threads.apply(self._config)  # before torch runs anything (see threads.py)
         memory.configure_allocator()
         self._guard = http_guard.install(
             settings.max_request_bytes,
