@@ -302,7 +302,10 @@ def _configs() -> dict[str, dict[str, str]]:
     return out
 
 
-CODE = code_defaults()
+# Read by the code but set by the platform, not by a deployment: CUDA_VISIBLE_DEVICES only
+# explains a refusal to start (device.py); it is not ours to document as a setting.
+PLATFORM_VARIABLES = {"CUDA_VISIBLE_DEVICES"}
+CODE = {name: v for name, v in code_defaults().items() if name not in PLATFORM_VARIABLES}
 HEADER, TABLE = readme_table()
 CONFIGS = _configs()
 
