@@ -156,16 +156,11 @@ class Infinity(Server):
             stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.pid = self.proc.pid
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"infinity exited:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        from tools.local_server import wait_until_ok
+
+        tail = lambda: self.log_path.read_text()[-4000:]  # noqa: E731
+        if wait_until_ok(self.proc, f"{self.url}/health", 300, tail):
+            return
         self.stop()
         raise RuntimeError(f"infinity not ready:\n{self.log_path.read_text()[-4000:]}")
 
@@ -174,11 +169,9 @@ class Infinity(Server):
         return {"input": [prefix + t for t in texts], "model": MODEL_NAME}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        from tools.local_server import end_process
+
+        end_process(self.proc)
         self._log.close()
 
 

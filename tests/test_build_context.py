@@ -47,7 +47,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tools.local_server import ROOT, free_port
+from tools.local_server import ROOT, end_process, free_port, wait_until_ok
 from tools.make_checkpoint import writers
 
 # Truss's gather uses a pathspec pattern class that pathspec deprecates (once per file).
@@ -126,16 +126,8 @@ class Process:
         return rc, time.time()
 
     def wait_ready(self, url: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.tail()}"
-            try:
-                if httpx.get(f"{url}/v1/models/model", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"not ready in {timeout} s:\n{self.tail()}")
+        ready = wait_until_ok(self.proc, f"{url}/v1/models/model", timeout, self.tail)
+        assert ready, f"not ready in {timeout} s:\n{self.tail()}"
 
     def records(self) -> list[dict]:
         out = []
@@ -157,12 +149,7 @@ class Process:
         return self.log_path.read_text()[-4000:]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        end_process(self.proc)
         self._log.close()
 
 

@@ -21,6 +21,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ok(proc: subprocess.Popen, url: str, timeout: float, tail) -> bool:
+    """Poll `url` until it answers 200 (True) or `timeout` passes (False); a process that ends
+    first raises with the end of its log (`tail()`). One loop for every server the tests and
+    benchmarks start (ours, from a built context, and the benchmark's peer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited:\n{tail()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    return False
+
+
+def end_process(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not ended in 20 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 class TrussServer:
     """`tools/serve.py` in a subprocess: the package's own Truss server, as `make serve` runs it."""
 
@@ -41,18 +68,10 @@ class TrussServer:
         self._wait_ready(timeout=180)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/models/model", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"server not ready in {timeout}s:\n{self.log_path.read_text()[-4000:]}")
+        tail = lambda: self.log_path.read_text()[-4000:]  # noqa: E731
+        if not wait_until_ok(self.proc, f"{self.url}/v1/models/model", timeout, tail):
+            self.stop()
+            raise RuntimeError(f"server not ready in {timeout}s:\n{tail()}")
 
     def predict(self, body: object, **kw: object) -> httpx.Response:
         return httpx.post(f"{self.url}/v1/models/model:predict", json=body, timeout=120, **kw)
@@ -61,11 +80,5 @@ class TrussServer:
         return httpx.post(f"{self.url}/v1/embeddings", json=body, timeout=120)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        end_process(self.proc)
         self._log.close()
-
-
